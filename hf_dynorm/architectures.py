@@ -1,0 +1,168 @@
+"""The one place that knows where each supported architecture keeps its norms, what role each plays, and how.
+
+An architecture is a flavour (how the norm computes, which fixes gamma), the name of its eps attribute, and a
+table of module-name patterns to roles. Patterns match the end of a dotted module name, so the same table serves
+the bare model (``layers.0.input_layernorm``) and every task head (``model.layers.0.input_layernorm``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Roles a norm site can play.
+ATTN_INPUT, MLP_INPUT, FINAL = "attn_input", "mlp_input", "final"
+Q_NORM, K_NORM = "q_norm", "k_norm"
+EMBEDDING, POST_ATTN, POST_MLP = "embedding", "post_attn", "post_mlp"
+ROLES = (ATTN_INPUT, MLP_INPUT, FINAL, Q_NORM, K_NORM, EMBEDDING, POST_ATTN, POST_MLP)
+
+# Flavours: how the original norm computes.
+RMS = "rms"  # w * x / rms(x)
+RMS_OFFSET = "rms_offset"  # Gemma: (1 + w) * x / rms(x)
+LAYER = "layer"  # w * (x - mean) / std(x) + b
+
+
+@dataclass(frozen=True)
+class Architecture:
+    flavour: str
+    eps_attr: str
+    sites: dict[str, str]  # module-name pattern (matched at the end of the name) -> role
+
+    def role_of(self, name: str) -> str | None:
+        for pattern, role in self.sites.items():
+            if re.search(rf"(?:^|\.){pattern}$", name):
+                return role
+        return None
+
+
+_LAYER = r"layers\.\d+\."
+_DECODER = {_LAYER + "input_layernorm": ATTN_INPUT, _LAYER + "post_attention_layernorm": MLP_INPUT, "norm": FINAL}
+_QK = {_LAYER + r"self_attn\.q_norm": Q_NORM, _LAYER + r"self_attn\.k_norm": K_NORM}
+_SANDWICH = {  # Gemma 2/3: a norm before and after each sublayer
+    _LAYER + "input_layernorm": ATTN_INPUT, _LAYER + "post_attention_layernorm": POST_ATTN,
+    _LAYER + "pre_feedforward_layernorm": MLP_INPUT, _LAYER + "post_feedforward_layernorm": POST_MLP, "norm": FINAL,
+}
+_POST_LN_ENCODER = {
+    r"embeddings\.LayerNorm": EMBEDDING, r"attention\.output\.LayerNorm": POST_ATTN,
+    r"layer\.\d+\.output\.LayerNorm": POST_MLP,
+}
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(RMS, "variance_epsilon", _DECODER),
+    "mistral": Architecture(RMS, "variance_epsilon", _DECODER),
+    "qwen2": Architecture(RMS, "variance_epsilon", _DECODER),
+    "qwen3": Architecture(RMS, "variance_epsilon", {**_DECODER, **_QK}),
+    "phi3": Architecture(RMS, "variance_epsilon", _DECODER),
+    "gemma": Architecture(RMS_OFFSET, "eps", _DECODER),
+    "gemma2": Architecture(RMS_OFFSET, "eps", _SANDWICH),
+    "gemma3_text": Architecture(RMS_OFFSET, "eps", {**_SANDWICH, **_QK}),
+    "gpt2": Architecture(LAYER, "eps", {r"h\.\d+\.ln_1": ATTN_INPUT, r"h\.\d+\.ln_2": MLP_INPUT, "ln_f": FINAL}),
+    "gpt_neox": Architecture(LAYER, "eps", {_LAYER + "input_layernorm": ATTN_INPUT,
+                                           _LAYER + "post_attention_layernorm": MLP_INPUT,
+                                           "final_layer_norm": FINAL}),
+    "opt": Architecture(LAYER, "eps", {_LAYER + "self_attn_layer_norm": ATTN_INPUT,
+                                      _LAYER + "final_layer_norm": MLP_INPUT,
+                                      r"decoder\.final_layer_norm": FINAL}),
+    "bert": Architecture(LAYER, "eps", {**_POST_LN_ENCODER, r"predictions\.transform\.LayerNorm": FINAL}),
+    "roberta": Architecture(LAYER, "eps", {**_POST_LN_ENCODER, r"lm_head\.layer_norm": FINAL}),
+}
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """One norm of a model: where it is, what it does, and its facts."""
+
+    name: str
+    role: str
+    flavour: str
+    channels: int
+    eps: float
+    depth: int | None  # the layer index, None outside the layer stack
+
+    def gamma(self, module: nn.Module):
+        """gamma = w * sqrt(C) (RMSNorm and LayerNorm), (1 + w) * sqrt(C) for Gemma (REFERENCE section 1)."""
+        weight = getattr(module, "weight", None)
+        weight = torch.ones(self.channels) if weight is None else weight.detach().float()
+        if self.flavour == RMS_OFFSET:
+            weight = 1.0 + weight
+        return weight * math.sqrt(self.channels)
+
+
+def _looks_like_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _generic_flavour(module: nn.Module) -> str:
+    return LAYER if isinstance(module, nn.LayerNorm) else RMS
+
+
+def _eps(module: nn.Module, attr: str | None) -> float:
+    for name in (attr, "variance_epsilon", "eps", "epsilon"):
+        if name and hasattr(module, name):
+            return float(getattr(module, name))
+    return 1e-6
+
+
+def _channels(module: nn.Module) -> int:
+    if getattr(module, "weight", None) is not None:
+        return module.weight.shape[-1]
+    shape = getattr(module, "normalized_shape", None)
+    if shape:
+        return shape[-1]
+    raise ValueError(f"cannot tell the channel count of {type(module).__name__}: it has no weight")
+
+
+def _depth(name: str) -> int | None:
+    match = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+def architecture_of(model: nn.Module) -> Architecture | None:
+    return ARCHITECTURES.get(getattr(model.config, "model_type", None))
+
+
+def find_norm_sites(model: nn.Module) -> list[NormSite]:
+    """Every norm of `model` with its role, in module order. Architectures outside the registry fall back to
+    modules that are nn.LayerNorm or whose class name ends in RMSNorm, with a warning naming what was found."""
+    arch = architecture_of(model)
+    sites = []
+    for name, module in model.named_modules():
+        if arch is not None:
+            role = arch.role_of(name)
+            if role is None:
+                continue
+            flavour, eps_attr = arch.flavour, arch.eps_attr
+        elif _looks_like_norm(module):
+            role, flavour, eps_attr = _generic_role(name), _generic_flavour(module), None
+        else:
+            continue
+        sites.append(NormSite(name, role, flavour, _channels(module), _eps(module, eps_attr), _depth(name)))
+    if arch is None:
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        kinds = sorted({type(model.get_submodule(site.name)).__name__ for site in sites})
+        logger.warning(
+            "hf_dynorm has no registry entry for model_type %r: falling back to %d norm-like modules (%s); roles are "
+            "guessed from names and Gemma-style (1 + w) weights are not detected. Check them with `hf-dynorm info`.",
+            model_type, len(sites), ", ".join(kinds) or "none")
+    return sites
+
+
+def _generic_role(name: str) -> str:
+    """A best guess from common naming, used only by the fallback."""
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if "q_norm" in leaf:
+        return Q_NORM
+    if "k_norm" in leaf:
+        return K_NORM
+    if _depth(name) is None:
+        return EMBEDDING if "emb" in name.lower() else FINAL
+    if "post" in leaf or "final" in leaf or "ln_2" in leaf:
+        return MLP_INPUT
+    return ATTN_INPUT

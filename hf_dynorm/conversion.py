@@ -1,0 +1,171 @@
+"""Swap a pretrained model's norms for DyT or DyISRU in place, keeping what the norms learned.
+
+`convert` is all or nothing: every check and every new module is made before the first swap, so a failed call
+leaves the model as it was. What was done is written to ``model.config.dynorm``; the model's class becomes a
+``Dynorm*`` subclass whose ``save_pretrained`` also writes self-contained code and an ``auto_map``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig
+from transformers.models.auto import modeling_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from . import __version__
+from .architectures import ARCHITECTURES, ROLES, NormSite, find_norm_sites
+from .modeling_dynorm import (
+    NORM_KINDS, DyISRU, DyT, dynorm_config_class, dynorm_model_class, install_norms, register_auto_class,
+)
+
+# The task heads a converted checkpoint can be reloaded into with an Auto class.
+_AUTO_CLASSES = {
+    "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
+    "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "AutoModelForMaskedLM": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    "AutoModelForTokenClassification": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+}
+DYNORM_PREFIX = "dynorm_"
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot be done as asked; the model is unchanged."""
+
+
+def register_architecture(model_type: str) -> None:
+    """Make ``dynorm_<model_type>`` checkpoints loadable with transformers' Auto classes in this process."""
+    config_class = dynorm_config_class(CONFIG_MAPPING[model_type])
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for auto_name, class_names in _AUTO_CLASSES.items():
+        if model_type in class_names:
+            model_class = dynorm_model_class(getattr(transformers, class_names[model_type]))
+            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+            register_auto_class(auto_name, model_class)
+
+
+def register_all() -> None:
+    for model_type in ARCHITECTURES:
+        register_architecture(model_type)
+
+
+def is_converted(model_or_config) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "dynorm", None) is not None
+
+
+def select_sites(sites: list[NormSite], selection: str | Iterable[str] | None) -> list[NormSite]:
+    """Sites by role name (see architectures.ROLES) or by regular expression over module names; None: all."""
+    if selection is None or selection == "all":
+        return list(sites)
+    selectors = [selection] if isinstance(selection, str) else list(selection)
+    chosen = [site for site in sites
+              if any(site.role == s if s in ROLES else re.search(s, site.name) for s in selectors)]
+    if not chosen:
+        available = ", ".join(sorted({site.role for site in sites}))
+        raise ConversionError(
+            f"sites={selectors!r} matches none of the model's {len(sites)} norms. Give roles ({available}) or a "
+            f"regular expression over module names; `hf-dynorm info MODEL` lists them.")
+    return chosen
+
+
+def default_parameter(kind: str, channels: int) -> float:
+    """Without calibration: the theory's values for inputs of unit rms (s = 1): kappa = C, alpha = 1/sqrt(C)."""
+    return float(channels) if kind == "dyisru" else 1.0 / math.sqrt(channels)
+
+
+def _build(kind: str, site: NormSite, original: nn.Module, value: float, per_channel: bool,
+           anchors: list[int]) -> nn.Module:
+    bias = getattr(original, "bias", None)
+    if kind == "dyisru":
+        new = DyISRU(site.channels, kappa=value, per_channel=per_channel, bias=bias is not None, anchors=anchors)
+    else:
+        new = DyT(site.channels, alpha=value, per_channel=per_channel, bias=bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(site.gamma(original))
+        if bias is not None:
+            new.bias.copy_(bias.detach().float())
+    reference = next(original.parameters(), None)
+    return new.to(device=reference.device, dtype=reference.dtype) if reference is not None else new
+
+
+def convert(
+    model: nn.Module,
+    norm: str = "dyisru",
+    *,
+    sites: str | Iterable[str] | None = None,
+    kappa: float | None = None,
+    alpha: float | None = None,
+    per_channel: bool = False,
+    anchors: Iterable[int] | None = None,
+    calibration=None,
+    **calibration_options,
+) -> nn.Module:
+    """Replace the model's norms by `norm` ("dyisru" or "dyt") in place and return the model.
+
+    gamma comes from each norm's own weight (w * sqrt(C), (1 + w) * sqrt(C) for Gemma) and LayerNorm's bias is kept.
+    kappa/alpha: from `calibration` (text, see `hf_dynorm.calibrate`) when given, else `kappa`/`alpha`, else the
+    unit-rms default of `default_parameter`. `anchors`: channel indices coupled at every site of that width
+    (anchored DyISRU); with calibration, ``anchors=k`` picks the k largest channels per site instead.
+    """
+    if is_converted(model):
+        raise ConversionError("this model is already converted (its config has a `dynorm` record); convert the "
+                              "original model instead.")
+    if norm not in NORM_KINDS:
+        raise ConversionError(f"unknown norm {norm!r}: choose one of {sorted(NORM_KINDS)}.")
+    explicit = kappa if norm == "dyisru" else alpha
+    if calibration is not None and explicit is not None:
+        raise ConversionError("give either calibration data or an explicit kappa/alpha, not both.")
+    if norm == "dyt" and anchors:
+        raise ConversionError("anchors belong to DyISRU; DyT has no anchored form.")
+    chosen = select_sites(find_norm_sites(model), sites)
+    if model.config.model_type not in CONFIG_MAPPING:
+        raise ConversionError(f"model_type {model.config.model_type!r} is not a transformers architecture (remote "
+                              "code?); hf_dynorm converts models whose classes ship with transformers.")
+    originals = {site.name: model.get_submodule(site.name) for site in chosen}
+
+    summary = None
+    if calibration is not None:
+        from .calibration import calibrate_parameters
+
+        values, site_anchors, summary = calibrate_parameters(model, chosen, calibration, norm,
+                                                            anchors=anchors, **calibration_options)
+        origin = f"calibration ({summary['estimator']})"
+    else:
+        if isinstance(anchors, int):
+            raise ConversionError("anchors=k (pick k channels) needs calibration data; give channel indices instead.")
+        fixed = sorted(anchors or [])
+        values = {site.name: explicit if explicit is not None else default_parameter(norm, site.channels)
+                  for site in chosen}
+        site_anchors = {site.name: [c for c in fixed if c < site.channels] if site.role not in ("q_norm", "k_norm")
+                        else [] for site in chosen}
+        origin = "explicit" if explicit is not None else "default: unit rms (kappa = C, alpha = 1/sqrt(C))"
+
+    new_modules = {site.name: _build(norm, site, originals[site.name], values[site.name], per_channel,
+                                     site_anchors[site.name]) for site in chosen}
+
+    base_type = model.config.model_type
+    register_architecture(base_type)
+    install_norms(model, new_modules)
+    model.config.__class__ = dynorm_config_class(type(model.config))
+    model.__class__ = dynorm_model_class(type(model))
+    model.config.dynorm = {
+        "format": 1,
+        "hf_dynorm_version": __version__,
+        "norm": norm,
+        "base_model_type": base_type,
+        "base_model": getattr(model.config, "_name_or_path", "") or None,
+        "parameters": {"gamma": "norm weight * sqrt(C)" + (" with (1 + w)" if chosen[0].flavour == "rms_offset"
+                                                           else ""),
+                       "kappa" if norm == "dyisru" else "alpha": origin},
+        "sites": {site.name: {**new_modules[site.name].spec(), "role": site.role, "flavour": site.flavour,
+                              "eps": site.eps, "depth": site.depth} for site in chosen},
+        "calibration": summary,
+    }
+    return model

@@ -1,0 +1,278 @@
+"""DyT and DyISRU, the element-wise stand-ins for RMSNorm/LayerNorm, and the model classes that rebuild them.
+
+This file imports only torch and transformers on purpose: hf_dynorm copies it next to every model it saves, so
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where hf_dynorm is not installed.
+The same source is what hf_dynorm itself runs, so the two can never drift apart.
+
+Math (arXiv 2503.21708): RMSNorm y_i = w_i sqrt(C) x_i / sqrt(x_i^2 + K_i) with K_i = sum_{j != i} x_j^2 + C eps.
+DyISRU freezes K_i to a constant kappa; DyT solves the derivative-space decoupling, y = gamma tanh(alpha x).
+Anchored DyISRU keeps the squares of a few anchor channels A coupled (massive activations live there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional forms. Computed in fp32 whatever the input dtype (x*x overflows fp16 above 255), cast back at the end.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dyt(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic Tanh: ``weight * tanh(alpha * x) + bias``."""
+    y = torch.tanh(alpha.float() * x.float()) * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def dyisru(
+    x: torch.Tensor,
+    kappa: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    anchors: torch.Tensor | None = None,
+    anchor_weight: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """(Anchored) Dynamic Inverse Square Root Unit.
+
+    ``y_i = weight_i * x_i / sqrt(kappa + x_i^2 + a * sum_{c in anchors, c != i} x_c^2) + bias_i`` where ``a`` is
+    ``anchor_weight``. No anchors is the paper's DyISRU; every channel anchored with ``kappa = C * eps`` is RMSNorm.
+    """
+    xf = x.float()
+    squares = xf * xf
+    denominator = squares + kappa.float()
+    if anchors is not None and anchors.numel() > 0:
+        coupled = squares.index_select(-1, anchors).sum(-1, keepdim=True)
+        is_anchor = torch.zeros(x.shape[-1], device=x.device).index_fill_(0, anchors, 1.0)
+        # an anchor's own square is already in x_i^2: the coupled sum leaves it out
+        denominator = denominator + anchor_weight * (coupled - squares * is_anchor)
+    y = xf * torch.rsqrt(denominator) * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules. State-dict names follow the norms they replace (weight, bias) plus the element-wise parameter.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _ElementwiseNorm(nn.Module):
+    """Shared parts of DyT and DyISRU: per-channel weight (gamma) and optional bias."""
+
+    def __init__(self, channels: int, *, bias: bool = False):
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def _scalar_or_channel(self, per_channel: bool, value: float) -> nn.Parameter:
+        return nn.Parameter(torch.full((self.channels if per_channel else 1,), float(value)))
+
+    @property
+    def per_channel(self) -> bool:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """What it takes to rebuild an empty module of the same shape (stored in the config's `dynorm` record)."""
+        return {"kind": self.kind, "channels": self.channels, "per_channel": self.per_channel,
+                "bias": self.bias is not None}
+
+
+class DyT(_ElementwiseNorm):
+    """Dynamic Tanh (arXiv 2503.10622): ``weight * tanh(alpha * x) + bias``; alpha scalar or per channel."""
+
+    kind = "dyt"
+
+    def __init__(self, channels: int, *, alpha: float = 0.5, per_channel: bool = False, bias: bool = False):
+        super().__init__(channels, bias=bias)
+        self.alpha = self._scalar_or_channel(per_channel, alpha)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.alpha.numel() > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dyt(x, self.alpha, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, per_channel={self.per_channel}, bias={self.bias is not None}"
+
+
+class DyISRU(_ElementwiseNorm):
+    """(Anchored) Dynamic Inverse Square Root Unit: ``weight * x / sqrt(kappa + x^2 [+ anchors]) + bias``.
+
+    kappa is stored as ``log_kappa`` so that it stays positive and trains on a log scale (it spans ~1 to ~1e9).
+    ``anchors`` (a buffer of channel indices) and ``anchor_weight`` (a buffer in [0, 1] that distillation can fade
+    to 0) give the anchored variant.
+    """
+
+    kind = "dyisru"
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        kappa: float = 1.0,
+        per_channel: bool = False,
+        bias: bool = False,
+        anchors: int | list[int] | torch.Tensor = 0,
+    ):
+        super().__init__(channels, bias=bias)
+        self.log_kappa = self._scalar_or_channel(per_channel, math.log(kappa))
+        if isinstance(anchors, int):
+            anchors = torch.arange(anchors)  # placeholder indices, overwritten by load_state_dict or set_anchors
+        self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.long))
+        self.register_buffer("anchor_weight", torch.ones(()))
+
+    @property
+    def per_channel(self) -> bool:
+        return self.log_kappa.numel() > 1
+
+    @property
+    def kappa(self) -> torch.Tensor:
+        return self.log_kappa.float().exp()
+
+    def set_anchors(self, channels) -> None:
+        """Couple these channels' squares (indices into the last dimension); an empty list gives pure DyISRU."""
+        channels = torch.as_tensor(channels, dtype=torch.long, device=self.weight.device).flatten()
+        if channels.numel() and (channels.min() < 0 or channels.max() >= self.channels):
+            raise ValueError(f"anchor channels must lie in [0, {self.channels}), got {channels.tolist()}")
+        self.anchors = channels
+
+    def spec(self) -> dict:
+        return {**super().spec(), "anchors": int(self.anchors.numel())}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight)
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, per_channel={self.per_channel}, bias={self.bias is not None}, "
+                f"anchors={self.anchors.numel()}")
+
+
+NORM_KINDS = {"dyt": DyT, "dyisru": DyISRU}
+
+
+def norm_from_spec(spec: dict) -> nn.Module:
+    """An empty module of the shape a `dynorm` site record describes; its values come from the checkpoint."""
+    options = {"per_channel": spec["per_channel"], "bias": spec["bias"]}
+    if spec["kind"] == "dyisru":
+        options["anchors"] = spec.get("anchors", 0)
+    return NORM_KINDS[spec["kind"]](spec["channels"], **options)
+
+
+def resolve_site(model: nn.Module, name: str) -> str | None:
+    """The name under which a recorded site lives in `model`: the record may come from a model with or without a
+    task head (``model.layers.0...`` in a ForCausalLM, ``layers.0...`` in the bare model). None if absent."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = dict(model.named_modules())
+    for candidate in (name, name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None,
+                      f"{prefix}.{name}" if prefix else None):
+        if candidate and candidate in names:
+            return candidate
+    return None
+
+
+def install_norms(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put each module at its (dotted) name in `model`, replacing what was there."""
+    for name, module in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def install_recorded_norms(model: nn.Module) -> None:
+    """Rebuild the element-wise norms that the config's `dynorm` record lists (sites missing from a headless model,
+    such as an MLM head's norm, are skipped)."""
+    sites = model.config.dynorm["sites"]
+    resolved = {resolve_site(model, name): norm_from_spec(spec) for name, spec in sites.items()}
+    resolved.pop(None, None)
+    install_norms(model, resolved)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model classes: one subclass per transformers class, made on demand. Saving writes this file and an auto_map.
+# ---------------------------------------------------------------------------------------------------------------
+
+CODE_FILE = "modeling_dynorm.py"
+_BINDINGS_MARKER = "# ---- bindings written " + "by hf_dynorm for one architecture ----"  # split: the source must not hold it
+_CLASSES: dict[type, type] = {}
+
+
+def dynorm_config_class(base: type) -> type:
+    """The config class of a converted model: the base config with model_type ``dynorm_<base>``, so that loading it
+    without hf_dynorm (and without trust_remote_code) fails loudly instead of silently using the original norms."""
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"Dynorm{base.__name__}", (base,), {"model_type": f"dynorm_{base.model_type}",
+                                                                   "__module__": __name__})
+    return _CLASSES[base]
+
+
+def _auto_map(model_class: type) -> dict[str, str]:
+    config_class = model_class.config_class
+    classes = {"AutoConfig": config_class.__name__}
+    for auto_name, cls in AUTO_CLASSES.get(config_class.model_type, {}).items():
+        classes[auto_name] = cls.__name__
+    return {auto: f"{CODE_FILE[:-3]}.{name}" for auto, name in classes.items()}
+
+
+def _bindings(model_class: type) -> str:
+    """Python source that recreates this architecture's dynorm classes inside the copied file."""
+    config_class = model_class.config_class
+    base_config = config_class.__mro__[1]
+    models = AUTO_CLASSES[config_class.model_type]
+    imports = sorted({base_config.__name__} | {cls.__mro__[1].__name__ for cls in models.values()})
+    lines = [_BINDINGS_MARKER, f"from transformers import {', '.join(imports)}  # noqa: E402", "",
+             f"{config_class.__name__} = dynorm_config_class({base_config.__name__})"]
+    for auto_name, cls in models.items():
+        lines.append(f"{cls.__name__} = dynorm_model_class({cls.__mro__[1].__name__})")
+        lines.append(f"register_auto_class({json.dumps(auto_name)}, {cls.__name__})")
+    return "\n".join(lines) + "\n"
+
+
+def write_code(save_directory: str, model_class: type) -> None:
+    """Write this very file, plus the bindings of `model_class`'s architecture, into `save_directory`."""
+    with open(__file__, encoding="utf-8") as handle:
+        source = handle.read().split(_BINDINGS_MARKER)[0].rstrip() + "\n\n\n"
+    with open(os.path.join(save_directory, CODE_FILE), "w", encoding="utf-8") as handle:
+        handle.write(source + _bindings(model_class))
+
+
+# model_type (dynorm_...) -> {auto class name -> dynorm model class}; filled as classes are made or registered.
+AUTO_CLASSES: dict[str, dict[str, type]] = {}
+
+
+def register_auto_class(auto_name: str, model_class: type) -> None:
+    AUTO_CLASSES.setdefault(model_class.config_class.model_type, {})[auto_name] = model_class
+
+
+def dynorm_model_class(base: type) -> type:
+    """The class of a converted model: `base` whose __init__ installs the recorded element-wise norms, and whose
+    save_pretrained also writes this code and an `auto_map`."""
+    if base in _CLASSES:
+        return _CLASSES[base]
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        install_recorded_norms(self)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.auto_map = _auto_map(type(self))
+        base.save_pretrained(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_code(str(save_directory), type(self))
+
+    cls = type(f"Dynorm{base.__name__}", (base,), {
+        "config_class": dynorm_config_class(base.config_class),
+        "__init__": __init__,
+        "save_pretrained": save_pretrained,
+        "__module__": __name__,
+    })
+    _CLASSES[base] = cls
+    return cls
