@@ -13,12 +13,12 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
-import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import torch
+
+from .fileio import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +49,6 @@ def _packaged_file(distribution: str, member: str) -> Path:
     return path
 
 
-def atomic_directory(target: Path):
-    """A temporary sibling of `target` to write into; `commit(tmp)` renames it into place, so a crash leaves no
-    half-written folder behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
-def commit_directory(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
 def embedded_model_dir() -> Path:
     """The plain HF folder of the embedded SmolLM2-135M, made from the GGUF on first use (~20 s)."""
     target = cache_dir() / EMBEDDED_MODEL
@@ -79,10 +66,9 @@ def embedded_model_dir() -> Path:
     config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    tmp = atomic_directory(target)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    commit_directory(tmp, target)
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -136,7 +122,7 @@ def _wiki_articles() -> list[str]:
             text = element.find("{*}revision/{*}text")
             if namespace is not None and namespace.text == "0" and text is not None and text.text \
                     and not text.text.lstrip().lower().startswith("#redirect"):
-                plain = mwparserfromhell.parse(text.text).strip_code(normalize=True, collapse=True)
+                plain = _plain_text(mwparserfromhell.parse(text.text))
                 paragraphs = [line.strip() for line in plain.splitlines() if line.strip()]
                 articles.append("\n".join(paragraphs))
             element.clear()
@@ -145,6 +131,20 @@ def _wiki_articles() -> list[str]:
     tmp.write_text(json.dumps(articles), encoding="utf-8")
     os.replace(tmp, cached)
     return articles
+
+
+def _plain_text(wikicode) -> str:
+    """Article prose: markup stripped, and references, tables, galleries and images dropped (not running text)."""
+    files = [link for link in wikicode.filter_wikilinks(recursive=True)
+             if str(link.title).strip().lower().startswith(("file:", "image:", "category:"))]
+    tags = [tag for tag in wikicode.filter_tags(recursive=True)
+            if str(tag.tag).strip().lower() in ("ref", "table", "gallery", "math")]
+    for node in files + tags:
+        try:
+            wikicode.remove(node)
+        except ValueError:  # already gone with its parent
+            pass
+    return wikicode.strip_code(normalize=True, collapse=True)
 
 
 def load_texts(source: str | os.PathLike, split: str = "test") -> list[str]:

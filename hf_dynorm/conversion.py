@@ -19,6 +19,7 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import __version__
+from .fileio import atomic_directory
 from .architectures import ARCHITECTURES, ROLES, NormSite, find_norm_sites
 from .modeling_dynorm import (
     NORM_KINDS, DyISRU, DyT, dynorm_config_class, dynorm_model_class, install_norms, register_auto_class,
@@ -95,13 +96,22 @@ def _build(kind: str, site: NormSite, original: nn.Module, value: float, per_cha
     return new.to(device=reference.device, dtype=reference.dtype) if reference is not None else new
 
 
+def _explicit_value(explicit: float | dict[str, float], site: NormSite) -> float:
+    if not isinstance(explicit, dict):
+        return float(explicit)
+    if site.role not in explicit:
+        raise ConversionError(f"no value given for role {site.role!r} (site {site.name}); the dict needs every "
+                              f"converted role, got {sorted(explicit)}.")
+    return float(explicit[site.role])
+
+
 def convert(
     model: nn.Module,
     norm: str = "dyisru",
     *,
     sites: str | Iterable[str] | None = None,
-    kappa: float | None = None,
-    alpha: float | None = None,
+    kappa: float | dict[str, float] | None = None,
+    alpha: float | dict[str, float] | None = None,
     per_channel: bool = False,
     anchors: Iterable[int] | None = None,
     calibration=None,
@@ -111,7 +121,7 @@ def convert(
 
     gamma comes from each norm's own weight (w * sqrt(C), (1 + w) * sqrt(C) for Gemma) and LayerNorm's bias is kept.
     kappa/alpha: from `calibration` (text, see `hf_dynorm.calibrate`) when given, else `kappa`/`alpha`, else the
-    unit-rms default of `default_parameter`. `anchors`: channel indices coupled at every site of that width
+    unit-rms default of `default_parameter`; a dict gives a value per role ({"attn_input": 0.8, ...}). `anchors`: channel indices coupled at every site of that width
     (anchored DyISRU); with calibration, ``anchors=k`` picks the k largest channels per site instead.
     """
     if is_converted(model):
@@ -141,8 +151,8 @@ def convert(
         if isinstance(anchors, int):
             raise ConversionError("anchors=k (pick k channels) needs calibration data; give channel indices instead.")
         fixed = sorted(anchors or [])
-        values = {site.name: explicit if explicit is not None else default_parameter(norm, site.channels)
-                  for site in chosen}
+        values = {site.name: _explicit_value(explicit, site) if explicit is not None
+                  else default_parameter(norm, site.channels) for site in chosen}
         site_anchors = {site.name: [c for c in fixed if c < site.channels] if site.role not in ("q_norm", "k_norm")
                         else [] for site in chosen}
         origin = "explicit" if explicit is not None else "default: unit rms (kappa = C, alpha = 1/sqrt(C))"
@@ -169,3 +179,13 @@ def convert(
         "calibration": summary,
     }
     return model
+
+
+def save_converted(model: nn.Module, output_dir, tokenizer=None, *, overwrite: bool = False, **kwargs) -> None:
+    """`model.save_pretrained` (+ tokenizer) into `output_dir` atomically; refuses an unconverted model."""
+    if not is_converted(model):
+        raise ConversionError("this model has no `dynorm` record: convert it first (hf_dynorm.convert).")
+    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

@@ -1,0 +1,264 @@
+"""Closed-form DyT/DyISRU parameters from what actually flows into each norm (REFERENCE section 1).
+
+For a norm over C channels whose input has per-token mean square s^2, DyISRU's kappa ~ C s^2 and DyT's
+alpha ~ 1 / (sqrt(C) s) = 1 / sqrt(kappa). Massive activations (attention sinks, REFERENCE section 4) break the
+single-kappa picture: their tokens are detected and kept out of the estimate, and anchored DyISRU keeps the few
+channels carrying them coupled, with kappa estimated from the remaining channels.
+
+One pass of the original model with forward pre-hooks feeds bounded streaming statistics per site: exact
+per-channel moments and max |x|, and uniform reservoirs of per-token mean squares (with positions) and of whole
+activation rows (for the estimators and the `fit`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import LAYER, NormSite, find_norm_sites
+from .data import check_vocabulary, full_windows, token_stream
+from .modeling_dynorm import dyisru, dyt
+
+ESTIMATORS = ("median", "mean", "geomean", "fit")
+DEFAULT_ESTIMATOR = "median"
+KAPPA_FROM = ("all", "bulk")
+
+
+class Reservoir:
+    """A uniform sample of at most `capacity` rows from a stream (Algorithm R, vectorised per batch)."""
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        self.capacity, self.seen, self.rows, self.generator = capacity, 0, None, generator
+
+    def add(self, rows: torch.Tensor) -> None:
+        n = rows.shape[0]
+        if self.rows is None:
+            self.rows = rows.new_empty((0, *rows.shape[1:]))
+        room = max(0, self.capacity - self.rows.shape[0])
+        if room:
+            self.rows = torch.cat([self.rows, rows[:room]])
+        if n > room:
+            index = torch.arange(self.seen + room, self.seen + n, dtype=torch.float64) + 1
+            slots = (torch.rand(n - room, generator=self.generator, dtype=torch.float64) * index).long()
+            keep = slots < self.capacity
+            self.rows[slots[keep]] = rows[room:][keep]
+        self.seen += n
+
+
+class SiteStatistics:
+    """Streaming statistics of one norm site's input; memory is bounded whatever the token count."""
+
+    def __init__(self, site: NormSite, rows: int, tokens: int, generator: torch.Generator):
+        self.site = site
+        channels = site.channels
+        self.count = 0
+        self.channel_sum = torch.zeros(channels, dtype=torch.float64)
+        self.channel_sum_squares = torch.zeros(channels, dtype=torch.float64)
+        self.channel_absmax = torch.zeros(channels)
+        self.token_stats = Reservoir(tokens, generator)  # columns: mean square (centred for LayerNorm), position
+        self.rows = Reservoir(rows, generator)
+
+    def update(self, x: torch.Tensor) -> None:
+        """`x`: the norm's input, (batch, sequence, ..., channels)."""
+        positions = torch.arange(x.shape[1], device=x.device).view(1, -1, *([1] * (x.dim() - 3)))
+        positions = positions.expand(x.shape[:-1]).reshape(-1).float().cpu()
+        rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        self.count += rows.shape[0]
+        self.channel_sum += rows.sum(0, dtype=torch.float64)
+        self.channel_sum_squares += (rows.double() ** 2).sum(0)
+        self.channel_absmax = torch.maximum(self.channel_absmax, rows.abs().amax(0))
+        self.token_stats.add(torch.stack([_mean_square(rows, self.site.flavour), positions], dim=1))
+        self.rows.add(rows)
+
+
+def _mean_square(rows: torch.Tensor, flavour: str) -> torch.Tensor:
+    if flavour == LAYER:
+        rows = rows - rows.mean(-1, keepdim=True)
+    return rows.pow(2).mean(-1)
+
+
+@dataclass
+class SiteCalibration:
+    """What one site's statistics say, finalised: the sample, the sinks, and the original norm's outputs."""
+
+    site: NormSite
+    tokens: int
+    median_mean_square: float
+    token_mean_squares: torch.Tensor  # reservoir, all tokens
+    token_positions: torch.Tensor
+    rows: torch.Tensor  # reservoir of input rows, ordinary tokens only
+    targets: torch.Tensor  # the original norm's output on `rows`
+    gamma: torch.Tensor
+    bias: torch.Tensor | None
+    channel_absmax: torch.Tensor
+    sink_ratio: float
+
+    def anchors(self, k: int) -> list[int]:
+        """The k channels with the largest |x| over all calibration tokens (massive activations live there)."""
+        return sorted(torch.topk(self.channel_absmax, min(k, self.site.channels)).indices.tolist()) if k else []
+
+    def bulk_squares(self, anchors: list[int]) -> torch.Tensor:
+        """Per ordinary row: sum of squares over the channels not in `anchors` (centred for LayerNorm)."""
+        rows = self.rows - self.rows.mean(-1, keepdim=True) if self.site.flavour == LAYER else self.rows
+        squares = rows.pow(2)
+        if anchors:
+            squares[:, anchors] = 0.0
+        return squares.sum(-1)
+
+    def kappa(self, estimator: str, excluded: list[int]) -> float:
+        """kappa = statistic over ordinary tokens of sum_{j not excluded} x_j^2, plus C * eps (the norm's own eps)."""
+        bulk = self.bulk_squares(excluded).double()
+        floor = self.site.channels * self.site.eps
+        if estimator == "median":
+            value = float(bulk.median())
+        elif estimator == "mean":
+            value = float(bulk.mean())
+        elif estimator == "geomean":
+            value = float(bulk.clamp_min(1e-30).log().mean().exp())
+        else:
+            raise ValueError(f"unknown estimator {estimator!r}: choose one of {ESTIMATORS}")
+        return value + floor
+
+    def error(self, norm: str, value: float, anchors: list[int]) -> float:
+        """Mean squared error of the replacement against the original norm's output on the ordinary rows."""
+        return float((self.predict(norm, value, anchors) - self.targets).pow(2).mean())
+
+    def predict(self, norm: str, value: float, anchors: list[int]) -> torch.Tensor:
+        parameter = torch.tensor([value])
+        if norm == "dyisru":
+            return dyisru(self.rows, parameter, self.gamma, self.bias, torch.tensor(anchors, dtype=torch.long))
+        return dyt(self.rows, parameter, self.gamma, self.bias)
+
+    def fit(self, norm: str, anchors: list[int]) -> float:
+        """Least squares over kappa (or alpha) against the norm's own output on ordinary rows: a log-spaced grid
+        around the median estimate, refined once. The median value is a candidate, so the fit never does worse."""
+        start = self.parameter(norm, "median", anchors)
+        best, best_error = start, self.error(norm, start, anchors)
+        for span, points in ((math.log(1e3), 61), (math.log(1e3) / 30, 31)):
+            for step in torch.linspace(-span, span, points).tolist():
+                candidate = best * math.exp(step)
+                error = self.error(norm, candidate, anchors)
+                if error < best_error:
+                    best, best_error = candidate, error
+        return best
+
+    def parameter(self, norm: str, estimator: str, anchors: list[int], kappa_from: str = "all") -> float:
+        """kappa (DyISRU) or alpha = 1/sqrt(kappa) (DyT). `kappa_from`: "all" channels (C s^2, the paper's value)
+        or the "bulk" channels outside the anchors (the exact decoupling, but it compounds badly: see README)."""
+        if estimator == "fit":
+            return self.fit(norm, anchors)
+        if kappa_from not in KAPPA_FROM:
+            raise ValueError(f"kappa_from must be one of {KAPPA_FROM}, got {kappa_from!r}")
+        kappa = self.kappa(estimator, anchors if kappa_from == "bulk" else [])
+        return kappa if norm == "dyisru" else 1.0 / math.sqrt(kappa)
+
+    def sink_report(self) -> dict:
+        ratio = (self.token_mean_squares / self.median_mean_square).sqrt()
+        sinks = ratio > self.sink_ratio
+        return {
+            "rms_median": math.sqrt(self.median_mean_square),
+            "rms_p99": math.sqrt(float(torch.quantile(self.token_mean_squares.double(), 0.99))),
+            "max_rms_ratio": float(ratio.max()),
+            "sink_fraction": float(sinks.float().mean()),
+            "sink_share_at_position_0": float((self.token_positions[sinks] == 0).float().mean()) if sinks.any()
+            else None,
+        }
+
+
+@dataclass
+class Calibration:
+    """Calibration of every chosen site of one model on one text; turns into parameters for any norm/estimator."""
+
+    sites: dict[str, SiteCalibration]
+    tokens: int
+    windows: int
+    window: int
+    data: str
+
+    def parameters(self, norm: str, estimator: str = DEFAULT_ESTIMATOR, anchors: int = 0,
+                   sites: list[NormSite] | None = None, kappa_from: str = "all"):
+        """({site: kappa or alpha}, {site: anchor channels}, summary for the config record)."""
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}: choose one of {ESTIMATORS}")
+        names = [site.name for site in sites] if sites is not None else list(self.sites)
+        missing = [name for name in names if name not in self.sites]
+        if missing:
+            raise ValueError(f"no calibration for sites {missing[:3]}...: calibrate the same model and sites.")
+        site_anchors = {name: self.sites[name].anchors(anchors) if norm == "dyisru" else [] for name in names}
+        values = {name: self.sites[name].parameter(norm, estimator, site_anchors[name], kappa_from)
+                  for name in names}
+        key = "kappa" if norm == "dyisru" else "alpha"
+        summary = {
+            "estimator": estimator, "data": self.data, "tokens": self.tokens, "windows": self.windows,
+            "window": self.window, "anchors_per_site": anchors if norm == "dyisru" else 0, "kappa_from": kappa_from,
+            "sites": {name: {key: values[name], "s": math.sqrt(self.sites[name].median_mean_square),
+                             "anchors": site_anchors[name], **self.sites[name].sink_report()} for name in names},
+        }
+        return values, site_anchors, summary
+
+
+@torch.no_grad()
+def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite] | None = None,
+              split: str = "train", window: int = 512, max_windows: int = 128, batch_size: int = 4,
+              rows: int = 1024, token_capacity: int = 1 << 18, sink_ratio: float = 8.0, seed: int = 0,
+              progress: bool = True) -> Calibration:
+    """Run the (unconverted) model on calibration text and gather each norm site's input statistics.
+
+    `data`: a text source (name, path, Hub dataset), a list of strings, or token ids. `sink_ratio`: tokens whose
+    rms exceeds this multiple of the site's median are sinks, kept out of the estimates and reported.
+    """
+    if getattr(model.config, "dynorm", None) is not None:
+        raise ValueError("calibrate the original model: this one is already converted.")
+    if tokenizer is None and not isinstance(data, torch.Tensor):
+        from .assets import load_tokenizer
+
+        tokenizer = load_tokenizer(model.config._name_or_path)
+    ids = token_stream(data, tokenizer, split)
+    check_vocabulary(ids, model)
+    batches = full_windows(ids, window, max_windows)
+    sites = sites if sites is not None else find_norm_sites(model)
+    generator = torch.Generator().manual_seed(seed)
+    stats = {site.name: SiteStatistics(site, rows, token_capacity, generator) for site in sites}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda _, args, s=s: s.update(args[0]))
+             for name, s in stats.items()]
+    device = next(model.parameters()).device
+    try:
+        for first in tqdm(range(0, len(batches), batch_size), desc="calibration", unit="batch",
+                          disable=not progress):
+            model(input_ids=batches[first:first + batch_size].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    label = data if isinstance(data, str) else f"{type(data).__name__} of {ids.numel()} tokens"
+    return Calibration({name: _finalise(model, s, sink_ratio) for name, s in stats.items()},
+                       tokens=batches.numel(), windows=len(batches), window=window, data=label)
+
+
+def _finalise(model, stats: SiteStatistics, sink_ratio: float) -> SiteCalibration:
+    site = stats.site
+    module = model.get_submodule(site.name)
+    token_ms, positions = stats.token_stats.rows.unbind(1)
+    median = float(token_ms.median())
+    rows = stats.rows.rows
+    ordinary = rows[_mean_square(rows, site.flavour) <= sink_ratio ** 2 * median]
+    reference = next(module.parameters(), None)
+    targets = module(ordinary.to(reference.device, reference.dtype) if reference is not None else ordinary)
+    bias = getattr(module, "bias", None)
+    return SiteCalibration(
+        site=site, tokens=stats.count, median_mean_square=median, token_mean_squares=token_ms,
+        token_positions=positions, rows=ordinary, targets=targets.float().cpu(), gamma=site.gamma(module).cpu(),
+        bias=None if bias is None else bias.detach().float().cpu(), channel_absmax=stats.channel_absmax,
+        sink_ratio=sink_ratio)
+
+
+def calibrate_parameters(model, sites: list[NormSite], calibration, norm: str, *, anchors=None,
+                         estimator: str = DEFAULT_ESTIMATOR, kappa_from: str = "all", **options):
+    """For `convert`: accept a finished `Calibration` or data to calibrate on, return parameters and summary."""
+    if not isinstance(calibration, Calibration):
+        calibration = calibrate(model, calibration, sites=sites, **options)
+    if anchors is not None and not isinstance(anchors, int):
+        raise ValueError("with calibration, anchors is a count k (the k largest channels per site).")
+    return calibration.parameters(norm, estimator, anchors or 0, sites, kappa_from)

@@ -1,0 +1,157 @@
+"""`hf-dynorm`: convert, inspect, calibrate, evaluate, and the end-to-end demo on the embedded defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .assets import EMBEDDED_MODEL, EMBEDDED_TEXT
+
+
+def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--norm", choices=("dyisru", "dyt"), default="dyisru")
+    parser.add_argument("--sites", nargs="+", help="roles (attn_input, mlp_input, final, ...) or regexes; default all")
+    parser.add_argument("--kappa", type=float, help="DyISRU kappa for every site (instead of calibration)")
+    parser.add_argument("--alpha", type=float, help="DyT alpha for every site (instead of calibration)")
+    parser.add_argument("--per-channel", action="store_true", help="one kappa/alpha per channel")
+    parser.add_argument("--anchors", type=int, help="anchored DyISRU: k anchor channels per site (needs calibration)")
+    parser.add_argument("--calibration", help=f"calibration text (e.g. {EMBEDDED_TEXT}, a file, a Hub dataset)")
+    parser.add_argument("--estimator", default="median", help="median | mean | geomean | fit")
+    parser.add_argument("--kappa-from", default="all", choices=("all", "bulk"))
+    parser.add_argument("--calibration-windows", type=int, default=64)
+
+
+def _conversion_kwargs(args, tokenizer) -> dict:
+    kwargs = {"sites": args.sites, "kappa": args.kappa, "alpha": args.alpha, "per_channel": args.per_channel}
+    if args.calibration:
+        kwargs.update(calibration=args.calibration, estimator=args.estimator, kappa_from=args.kappa_from,
+                      max_windows=args.calibration_windows, anchors=args.anchors, tokenizer=tokenizer)
+    elif args.anchors:
+        raise SystemExit("error: --anchors k picks channels from calibration data: add --calibration TEXT.")
+    return kwargs
+
+
+def cmd_convert(args) -> None:
+    from . import convert, load_model, load_tokenizer
+    from .conversion import save_converted
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    convert(model, args.norm, **_conversion_kwargs(args, tokenizer))
+    save_converted(model, args.output, tokenizer, overwrite=args.overwrite)
+    print(f"converted {len(model.config.dynorm['sites'])} norms to {args.norm}; saved to {args.output}")
+
+
+def cmd_info(args) -> None:
+    from . import find_norm_sites, load_model
+    from .conversion import is_converted
+
+    model = load_model(args.model)
+    if is_converted(model):
+        record = model.config.dynorm
+        print(f"converted by hf_dynorm {record['hf_dynorm_version']}: {record['norm']} at {len(record['sites'])} "
+              f"sites of a {record['base_model_type']} model; parameters: {json.dumps(record['parameters'])}")
+        rows = [(name, spec["role"], spec["flavour"], spec["channels"], spec["kind"]) for name, spec in
+                record["sites"].items()]
+    else:
+        rows = [(s.name, s.role, s.flavour, s.channels, f"eps={s.eps:g}") for s in find_norm_sites(model)]
+        print(f"{type(model).__name__} ({model.config.model_type}): {len(rows)} norm sites")
+    width = max(len(row[0]) for row in rows) if rows else 10
+    for row in rows:
+        print(f"  {row[0]:<{width}}  {row[1]:<11} {row[2]:<10} C={row[3]:<6} {row[4]}")
+
+
+def cmd_eval(args) -> None:
+    from . import load_model, load_tokenizer
+    from .evaluation import compare, perplexity
+    from .reports import write_eval_report
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model)
+    options = dict(tokenizer=tokenizer, split=args.split, window=args.window, stride=args.stride,
+                   batch_size=args.batch_size, max_tokens=args.max_tokens)
+    if args.reference:
+        results = compare(model, load_model(args.reference), args.data, **options)
+    else:
+        results = {"model": perplexity(model, args.data, **options).to_dict()}
+    results.update(model_id=str(args.model), reference_id=args.reference, data=args.data, split=args.split)
+    write_eval_report(results, args.out)
+    print(Path(args.out, "report.md").read_text())
+
+
+def cmd_calibrate(args) -> None:
+    from .reports import zero_shot_report
+
+    zero_shot_report(args.model, args.data, args.out, windows=args.windows, eval_windows=args.eval_windows,
+                     sensitivity=not args.no_sensitivity)
+    print(Path(args.out, "report.md").read_text())
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, model_id=args.model, norm=args.norm, anchors=args.anchors, eval_windows=args.eval_windows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-dynorm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="write a converted model folder (with tokenizer)")
+    convert.add_argument("model", help=f"Hub id, local folder or {EMBEDDED_MODEL}")
+    convert.add_argument("output")
+    convert.add_argument("--overwrite", action="store_true")
+    _add_conversion_options(convert)
+    convert.set_defaults(func=cmd_convert)
+
+    info = commands.add_parser("info", help="norm sites and roles, and the conversion record of a converted model")
+    info.add_argument("model")
+    info.set_defaults(func=cmd_info)
+
+    evaluate = commands.add_parser("eval", help="strided perplexity, optionally beside a reference model")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--reference", help="the original model, evaluated on the very same tokens")
+    evaluate.add_argument("--data", default=EMBEDDED_TEXT)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--window", type=int, default=512)
+    evaluate.add_argument("--stride", type=int)
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--max-tokens", type=int)
+    evaluate.add_argument("--out", default="outputs/eval")
+    evaluate.set_defaults(func=cmd_eval)
+
+    calibrate = commands.add_parser("calibrate", help="zero-shot report: every norm kind and estimator, swapped")
+    calibrate.add_argument("model")
+    calibrate.add_argument("--data", default=EMBEDDED_TEXT)
+    calibrate.add_argument("--out", default="outputs/calibration")
+    calibrate.add_argument("--windows", type=int, default=64, help="calibration windows of 512 tokens")
+    calibrate.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 512 tokens")
+    calibrate.add_argument("--no-sensitivity", action="store_true", help="skip the per-site sweep")
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    demo = commands.add_parser("demo", help="the main job on the embedded defaults: convert, save, reload, compare")
+    demo.add_argument("--model", default=EMBEDDED_MODEL)
+    demo.add_argument("--norm", choices=("dyisru", "dyt"), default="dyisru")
+    demo.add_argument("--anchors", type=int, default=4)
+    demo.add_argument("--eval-windows", type=int, default=4)
+    demo.add_argument("--out", default="outputs/demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

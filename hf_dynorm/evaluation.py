@@ -1,0 +1,111 @@
+"""Perplexity the standard way (HF's strided sliding windows), with the distribution a mean hides.
+
+A converted model can look fine on average and blow up on a few inputs (REFERENCE section 4), so every result
+carries per-window and per-token NLL percentiles and the worst windows with their text.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import check_vocabulary, strided_windows, token_stream
+
+PERCENTILES = (50, 90, 99, 99.9, 100)
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    tokens: int
+    windows: int
+    window: int
+    stride: int
+    seconds: float
+    tokens_per_second: float
+    window_nll: list[float]
+    token_nll_percentiles: dict[str, float]
+    window_nll_percentiles: dict[str, float]
+    worst_windows: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _percentiles(values: torch.Tensor) -> dict[str, float]:
+    quantiles = torch.quantile(values.double(), torch.tensor([p / 100 for p in PERCENTILES], dtype=torch.float64))
+    return {f"p{p:g}": float(q) for p, q in zip(PERCENTILES, quantiles)}
+
+
+@torch.no_grad()
+def score_tokens(model, ids: torch.Tensor, window: int = 512, stride: int | None = None, batch_size: int = 4,
+                 progress: bool = True) -> tuple[torch.Tensor, list]:
+    """NLL of every scored token (each token after the first exactly once) and the windows that scored them."""
+    windows = strided_windows(ids.numel(), window, stride)
+    check_vocabulary(ids, model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll = []
+    bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first:first + batch_size]
+        for group in _same_length(batch):
+            inputs = torch.stack([ids[w.start:w.end] for w in group]).to(device)
+            logits = model(input_ids=inputs).logits.float()
+            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), inputs[:, 1:], reduction="none").cpu()
+            nll.extend(loss[w.scored_from - w.start - 1:] for loss, w in zip(losses, group))
+        bar.update(len(batch))
+    bar.close()
+    model.train(was_training)
+    return nll, windows
+
+
+def _same_length(windows: list) -> list[list]:
+    groups = []
+    for w in windows:
+        if groups and groups[-1][0].end - groups[-1][0].start == w.end - w.start:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    return groups
+
+
+def perplexity(model, source="wiki-sample", *, tokenizer=None, split: str = "test", window: int = 512,
+               stride: int | None = None, batch_size: int = 4, max_tokens: int | None = None, worst: int = 3,
+               progress: bool = True) -> PerplexityResult:
+    """Perplexity of `model` on `source` (a text source name or path, a list of strings, or token ids)."""
+    ids = source if isinstance(source, torch.Tensor) else token_stream(source, tokenizer, split, max_tokens)
+    started = time.perf_counter()
+    nll, windows = score_tokens(model, ids, window, stride, batch_size, progress)
+    seconds = time.perf_counter() - started
+    flat = torch.cat(nll).double()
+    window_means = torch.stack([w.double().mean() for w in nll])
+    mean = float(flat.mean())
+    order = torch.argsort(window_means, descending=True)[:worst].tolist()
+    worst_windows = [{"index": i, "start_token": windows[i].start, "mean_nll": float(window_means[i]),
+                      "text": tokenizer.decode(ids[windows[i].start:windows[i].end]) if tokenizer else None}
+                     for i in order]
+    return PerplexityResult(
+        perplexity=math.exp(mean) if mean < 700 else math.inf, mean_nll=mean, tokens=flat.numel(),
+        windows=len(windows), window=window, stride=stride or window, seconds=seconds,
+        tokens_per_second=sum(w.end - w.start for w in windows) / seconds, window_nll=window_means.tolist(),
+        token_nll_percentiles=_percentiles(flat), window_nll_percentiles=_percentiles(window_means),
+        worst_windows=worst_windows)
+
+
+def compare(model, reference, source="wiki-sample", *, tokenizer=None, split: str = "test", **options) -> dict:
+    """Perplexity of `model` and of `reference` on the very same tokens, and their ratio."""
+    ids = source if isinstance(source, torch.Tensor) else token_stream(source, tokenizer, split,
+                                                                       options.pop("max_tokens", None))
+    converted = perplexity(model, ids, tokenizer=tokenizer, **options)
+    original = perplexity(reference, ids, tokenizer=tokenizer, **options)
+    return {"model": converted.to_dict(), "reference": original.to_dict(),
+            "perplexity_ratio": math.exp(converted.mean_nll - original.mean_nll)
+            if converted.mean_nll - original.mean_nll < 700 else math.inf}

@@ -1,0 +1,55 @@
+"""Tiny random models of every supported architecture, built locally from configs (no Hub access)."""
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+_SPECIFIC = {
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "gpt_neox": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64),
+    "opt": dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, word_embed_proj_dim=32),
+    "bert": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64),
+    "roberta": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=70, pad_token_id=1),
+    "phi3": dict(_COMMON, pad_token_id=0),
+}
+ENCODERS = ("bert", "roberta")
+# model_type -> expected role of each converted site, for a 2-layer model (the head's own prefix excluded).
+DECODER_ROLES = {"attn_input": 2, "mlp_input": 2, "final": 1}
+EXPECTED_ROLES = {
+    "llama": DECODER_ROLES, "mistral": DECODER_ROLES, "qwen2": DECODER_ROLES, "phi3": DECODER_ROLES,
+    "gemma": DECODER_ROLES, "gpt2": DECODER_ROLES, "gpt_neox": DECODER_ROLES, "opt": DECODER_ROLES,
+    "qwen3": {**DECODER_ROLES, "q_norm": 2, "k_norm": 2},
+    "gemma2": {"attn_input": 2, "post_attn": 2, "mlp_input": 2, "post_mlp": 2, "final": 1},
+    "gemma3_text": {"attn_input": 2, "post_attn": 2, "mlp_input": 2, "post_mlp": 2, "final": 1, "q_norm": 2,
+                    "k_norm": 2},
+    "bert": {"embedding": 1, "post_attn": 2, "post_mlp": 2, "final": 1},
+    "roberta": {"embedding": 1, "post_attn": 2, "post_mlp": 2, "final": 1},
+}
+ARCHITECTURES = tuple(EXPECTED_ROLES)
+
+
+def tiny_config(model_type: str):
+    return AutoConfig.for_model(model_type, **_SPECIFIC.get(model_type, _COMMON))
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A random tiny model whose norm weights and biases are random too, so that gamma mapping errors show."""
+    torch.manual_seed(seed)
+    auto = AutoModelForMaskedLM if model_type in ENCODERS else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(model_type)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.lower() or ".ln_" in name or "ln_f" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def tiny_inputs(batch: int = 2, length: int = 12, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
