@@ -73,8 +73,14 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """An embedded name becomes its cached folder; Hub ids and local paths pass through."""
-    return str(embedded_model_dir()) if str(name_or_path) == EMBEDDED_MODEL else str(name_or_path)
+    """An embedded name becomes its cached folder; Hub ids and existing local paths pass through."""
+    name = str(name_or_path)
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model folder {name} does not exist; give an existing folder, a Hub id, or "
+                                f"{EMBEDDED_MODEL!r}.")
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def load_model(name_or_path: str | os.PathLike, *, auto_class=None, dtype=torch.float32, **kwargs):

@@ -237,6 +237,7 @@ def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite
                        tokens=batches.numel(), windows=len(batches), window=window, data=label)
 
 
+@torch.no_grad()
 def _finalise(model, stats: SiteStatistics, sink_ratio: float) -> SiteCalibration:
     site = stats.site
     module = model.get_submodule(site.name)

@@ -1,0 +1,160 @@
+"""Every supported architecture, as a tiny random model: sites and roles, forward, gamma, save and reload."""
+
+import collections
+import json
+import logging
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+import hf_dynorm
+from hf_dynorm import DyISRU, DyT
+from hf_dynorm.conversion import save_converted
+from tiny import ARCHITECTURES, ENCODERS, EXPECTED_ROLES, tiny_inputs, tiny_model
+
+
+def auto_class(model_type):
+    return AutoModelForMaskedLM if model_type in ENCODERS else AutoModelForCausalLM
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_registry_finds_exactly_the_expected_sites_and_roles(model_type):
+    model = tiny_model(model_type)
+    sites = hf_dynorm.find_norm_sites(model)
+    assert dict(collections.Counter(site.role for site in sites)) == EXPECTED_ROLES[model_type]
+    # no norm-like module is left out
+    norm_like = {name for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")}
+    assert norm_like == {site.name for site in sites}
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("norm", ["dyisru", "dyt"])
+def test_convert_replaces_every_site_keeping_the_norm_weights(model_type, norm):
+    model = tiny_model(model_type)
+    sites = hf_dynorm.find_norm_sites(model)
+    expected_gamma = {site.name: site.gamma(model.get_submodule(site.name)) for site in sites}
+    biases = {site.name: getattr(model.get_submodule(site.name), "bias", None) for site in sites}
+    hf_dynorm.convert(model, norm)
+    kind = DyISRU if norm == "dyisru" else DyT
+    for site in sites:
+        module = model.get_submodule(site.name)
+        assert isinstance(module, kind)
+        torch.testing.assert_close(module.weight.detach(), expected_gamma[site.name])
+        assert (module.bias is None) == (biases[site.name] is None)
+    assert model.config.dynorm["norm"] == norm
+    assert set(model.config.dynorm["sites"]) == {site.name for site in sites}
+    assert model.config.model_type == f"dynorm_{model_type}"
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = model.to(dtype)(tiny_inputs()).logits
+        assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_gemma_gamma_uses_one_plus_weight():
+    model = tiny_model("gemma")
+    original = model.model.layers[0].input_layernorm
+    weight = original.weight.detach().clone()
+    hf_dynorm.convert(model, "dyisru")
+    torch.testing.assert_close(model.model.layers[0].input_layernorm.weight.detach(),
+                               (1 + weight) * math.sqrt(weight.numel()))
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_save_and_reload_in_process_is_bit_identical(model_type, tmp_path):
+    model = hf_dynorm.convert(tiny_model(model_type), "dyisru", anchors=[1, 4])
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        expected = model(inputs).logits
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == f"dynorm_{model_type}" and "dynorm" in config and "auto_map" in config
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "modeling_dynorm.py").exists()
+    reloaded = auto_class(model_type).from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(inputs).logits, expected)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert any(isinstance(m, DyISRU) for m in base.modules())
+    assert not any(isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+                   for m in base.modules())
+
+
+def test_save_keeps_dtype(tmp_path):
+    model = hf_dynorm.convert(tiny_model("llama"), "dyt").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    reloaded = hf_dynorm.load_model(tmp_path, dtype="auto")
+    assert reloaded.model.layers[0].input_layernorm.alpha.dtype == torch.bfloat16
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(reloaded(inputs).logits, model(inputs).logits)
+
+
+WITHOUT_HF_DYNORM = textwrap.dedent("""
+    import json, sys
+    sys.modules["hf_dynorm"] = None  # as if not installed
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    results = {}
+    for model_type, folder, encoder in json.loads(sys.argv[1]):
+        auto = AutoModelForMaskedLM if encoder else AutoModelForCausalLM
+        try:
+            auto.from_pretrained(folder)
+            refused = None
+        except Exception as error:
+            refused = str(error)
+        model = auto.from_pretrained(folder, trust_remote_code=True)
+        with torch.no_grad():
+            logits = model(torch.load(folder + "/inputs.pt")).logits
+        results[model_type] = {"refused": refused, "class": type(model).__name__,
+                               "identical": bool(torch.equal(logits, torch.load(folder + "/logits.pt")))}
+    print("RESULTS " + json.dumps(results))
+""")
+
+
+@pytest.fixture(scope="module")
+def reloaded_without_hf_dynorm(tmp_path_factory):
+    """Convert and save every architecture, then reload them all in one subprocess where hf_dynorm is absent."""
+    jobs = []
+    for model_type in ARCHITECTURES:
+        folder = tmp_path_factory.mktemp(model_type)
+        model = hf_dynorm.convert(tiny_model(model_type), "dyisru", anchors=[0, 3])
+        save_converted(model, folder, overwrite=True)
+        inputs = tiny_inputs()
+        with torch.no_grad():
+            torch.save(model(inputs).logits, folder / "logits.pt")
+        torch.save(inputs, folder / "inputs.pt")
+        jobs.append((model_type, str(folder), model_type in ENCODERS))
+    run = subprocess.run([sys.executable, "-c", WITHOUT_HF_DYNORM, json.dumps(jobs)], capture_output=True,
+                         text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.rpartition("RESULTS ")[2].splitlines()[0])
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_reload_without_hf_dynorm_needs_trust_remote_code_and_is_bit_identical(model_type,
+                                                                                 reloaded_without_hf_dynorm):
+    result = reloaded_without_hf_dynorm[model_type]
+    assert result["refused"] and "trust_remote_code" in result["refused"]
+    assert result["class"].startswith("Dynorm")
+    assert result["identical"]
+
+
+def test_unknown_architecture_falls_back_with_a_warning(caplog, tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("starcoder2", vocab_size=96, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    with caplog.at_level(logging.WARNING):
+        sites = hf_dynorm.find_norm_sites(model)
+    assert "no registry entry for model_type 'starcoder2'" in caplog.text and "LayerNorm" in caplog.text
+    assert len(sites) == 5
+    hf_dynorm.convert(model, "dyisru")
+    model.save_pretrained(tmp_path)
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(hf_dynorm.load_model(tmp_path)(inputs).logits, model(inputs).logits)

@@ -1,0 +1,81 @@
+"""Perplexity: the hand computation, strided windows, the worst windows, the reference ratio, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_dynorm.data import strided_windows
+from hf_dynorm.evaluation import compare, perplexity
+from tiny import VOCAB, tiny_model
+
+
+def ids(n, seed=0):
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_perplexity_is_exp_mean_nll_by_hand():
+    model, tokens = tiny_model("llama"), ids(64)
+    result = perplexity(model, tokens, window=32, progress=False)
+    with torch.no_grad():
+        nll = []
+        for start in (0, 32):
+            window = tokens[start:start + 32][None]
+            logits = model(window).logits[0]
+            losses = F.cross_entropy(logits[:-1], window[0, 1:], reduction="none")
+            nll.append(losses if start == 0 else torch.cat([losses[-1:] * 0, losses])[1:])
+    # windows [0, 32) and [32, 64): tokens 1..31 then 33..63 are scored; token 32 starts a window, unseen context
+    by_hand = torch.cat(nll)
+    assert result.tokens == by_hand.numel() == 62
+    assert result.mean_nll == pytest.approx(float(by_hand.double().mean()), rel=1e-6)
+    assert result.perplexity == pytest.approx(math.exp(result.mean_nll))
+
+
+@pytest.mark.parametrize("n, length, stride", [(100, 32, 31), (100, 32, 8), (97, 16, 5), (32, 32, 32)])
+def test_overlapping_strided_windows_score_every_token_exactly_once(n, length, stride):
+    scored = []
+    for w in strided_windows(n, length, stride):
+        assert w.end - w.start <= length and w.start < w.scored_from <= w.end
+        scored += range(w.scored_from, w.end)
+    assert scored == list(range(1, n))
+
+
+def test_disjoint_windows_score_every_token_but_window_starts_once():
+    windows = strided_windows(100, 32, 32)
+    scored = [t for w in windows for t in range(w.scored_from, w.end)]
+    assert scored == [t for t in range(1, 100) if t not in (32, 64, 96)]
+
+
+def test_worst_window_report_names_the_planted_failure():
+    model, tokens = tiny_model("llama"), ids(32 * 6)
+    poisoned = 4  # window index whose every logit is replaced by noise favouring a wrong token
+    tokens[poisoned * 32:(poisoned + 1) * 32] = 7
+
+    def plant(module, args, kwargs, output):
+        for row, window in enumerate(kwargs["input_ids"]):
+            if (window == 7).all():
+                output.logits[row] = -50.0
+                output.logits[row, :, 8] = 50.0
+        return output
+
+    model.register_forward_hook(plant, with_kwargs=True)
+    result = perplexity(model, tokens, window=32, batch_size=2, progress=False)
+    assert result.worst_windows[0]["index"] == poisoned
+    assert result.window_nll_percentiles["p100"] == pytest.approx(result.worst_windows[0]["mean_nll"])
+
+
+def test_reference_ratio_of_a_model_against_itself_is_one():
+    model = tiny_model("gpt2")
+    results = compare(model, model, ids(200), window=64, stride=32, progress=False)
+    assert results["perplexity_ratio"] == 1.0
+
+
+def test_bad_evaluation_input():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity(model, ids(10), window=32, progress=False)
+    with pytest.raises(ValueError, match="longer than the model's context of 64"):
+        perplexity(model, ids(500), window=128, progress=False)
+    with pytest.raises(ValueError, match="the text is empty"):
+        perplexity(model, [""], tokenizer=lambda text, **k: {"input_ids": []}, window=32, progress=False)

@@ -1,0 +1,100 @@
+"""Exact algebra of DyT and DyISRU (REFERENCE section 1), and their numerics."""
+
+import math
+
+import pytest
+import torch
+
+from hf_dynorm import DyISRU, DyT, dyisru, dyt
+
+C, EPS = 48, 1e-5
+
+
+def rms_norm(x, weight, eps=EPS):
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_dyisru_with_per_token_kappa_is_rmsnorm():
+    x = torch.randn(5, 7, C, dtype=torch.float64) * 3
+    weight = torch.rand(C, dtype=torch.float64) + 0.5
+    squares = x.pow(2)
+    kappa = squares.sum(-1, keepdim=True) - squares + C * EPS  # K_i = sum_{j != i} x_j^2 + C eps
+    y = dyisru(x, kappa, weight * math.sqrt(C)).double()
+    torch.testing.assert_close(y, rms_norm(x, weight).float().double(), rtol=1e-6, atol=1e-6)
+
+
+def test_anchored_dyisru_with_every_channel_anchored_is_rmsnorm():
+    x = torch.randn(4, 9, C) * 5
+    weight = torch.rand(C) + 0.5
+    module = DyISRU(C, kappa=C * EPS, anchors=list(range(C)))
+    with torch.no_grad():
+        module.weight.copy_(weight * math.sqrt(C))
+    torch.testing.assert_close(module(x), rms_norm(x, weight), rtol=2e-6, atol=2e-6)
+
+
+def test_anchored_dyisru_layernorm_analogue_on_centred_input():
+    x = torch.randn(3, 6, C) * 2 + 1.5
+    centred = x - x.mean(-1, keepdim=True)
+    layer_norm = torch.nn.LayerNorm(C, eps=EPS)
+    with torch.no_grad():
+        layer_norm.weight.uniform_(0.5, 1.5)
+        layer_norm.bias.normal_()
+    module = DyISRU(C, kappa=C * EPS, anchors=list(range(C)), bias=True)
+    with torch.no_grad():
+        module.weight.copy_(layer_norm.weight * math.sqrt(C))
+        module.bias.copy_(layer_norm.bias)
+    torch.testing.assert_close(module(centred), layer_norm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_anchor_weight_zero_is_pure_dyisru_and_partial_anchors_follow_the_formula():
+    x = torch.randn(2, 3, C, dtype=torch.float64)
+    anchors = torch.tensor([1, 7, 30])
+    kappa, weight = torch.tensor([2.5]), torch.rand(C, dtype=torch.float64)
+    torch.testing.assert_close(dyisru(x, kappa, weight, anchors=anchors, anchor_weight=0.0),
+                               dyisru(x, kappa, weight).to(x.dtype))
+    a = 0.3
+    coupled = x[..., anchors].pow(2).sum(-1, keepdim=True)
+    own = torch.zeros(C, dtype=torch.float64)
+    own[anchors] = 1
+    expected = weight * x / torch.sqrt(kappa + x.pow(2) + a * (coupled - own * x.pow(2)))
+    torch.testing.assert_close(dyisru(x, kappa, weight, anchors=anchors, anchor_weight=a), expected.float().double(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_dyt_formula_and_shared_bound():
+    x = torch.linspace(-50, 50, 101).repeat(C, 1).T
+    alpha, weight, bias = torch.tensor([0.3]), torch.rand(C) + 0.1, torch.randn(C)
+    torch.testing.assert_close(dyt(x, alpha, weight, bias), torch.tanh(0.3 * x) * weight + bias)
+    # both bounded by |gamma|, with slope gamma * alpha = gamma / sqrt(kappa) at 0
+    kappa = torch.tensor([1 / 0.3 ** 2])
+    assert (dyisru(x, kappa, weight).abs() <= weight + 1e-6).all()
+    h = torch.full((1, C), 1e-3)
+    torch.testing.assert_close(dyisru(h, kappa, weight) / h, dyt(h, alpha, weight) / h, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", [DyISRU(C, kappa=300.0, anchors=[0, 5]), DyT(C, alpha=0.01)])
+def test_fp16_inputs_up_to_6e4_are_finite_and_match_fp64(module):
+    x = torch.randn(4, C) * 50
+    x[:, 0] = 6e4
+    x[0, 3] = -6e4
+    x16 = x.half()
+    y = module(x16)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    reference = module.double()(x16.double())
+    module.float()
+    torch.testing.assert_close(y.double(), reference, rtol=1e-3, atol=1e-3)
+
+
+def test_kappa_is_positive_by_parametrisation_and_per_channel_option():
+    module = DyISRU(C, kappa=50.0, per_channel=True)
+    assert module.log_kappa.shape == (C,) and module.per_channel
+    with torch.no_grad():
+        module.log_kappa.fill_(-30.0)
+    assert (module.kappa > 0).all()
+    assert DyT(C, per_channel=True).alpha.shape == (C,)
+    assert DyT(C).alpha.shape == (1,)
+
+
+def test_set_anchors_rejects_out_of_range():
+    with pytest.raises(ValueError, match="anchor channels must lie in"):
+        DyISRU(C).set_anchors([C])

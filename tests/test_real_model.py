@@ -1,0 +1,50 @@
+"""The embedded SmolLM2-135M: converts, calibrates, saves and reloads bit-identically (CI runs it)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hf_dynorm
+from hf_dynorm.conversion import save_converted
+from hf_dynorm.data import token_stream
+from hf_dynorm.evaluation import perplexity
+
+pytestmark = pytest.mark.real_model
+
+
+def test_smollm2_registry_calibration_and_round_trip(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    sites = hf_dynorm.find_norm_sites(model)
+    assert len(sites) == 61 and sum(site.role == "final" for site in sites) == 1
+    ids = token_stream("wiki-sample", tokenizer, "test")[:1024]
+    original = perplexity(model, ids, progress=False)
+    assert 5 < original.perplexity < 60
+
+    converted = hf_dynorm.load_model("smollm2-135m")
+    hf_dynorm.convert(converted, "dyisru", calibration="wiki-sample", tokenizer=tokenizer, max_windows=4,
+                      anchors=4, progress=False)
+    record = converted.config.dynorm
+    assert record["calibration"]["tokens"] == 4 * 512 and len(record["sites"]) == 61
+    # the massive-activation channels REFERENCE.md names are picked as anchors at mid depth
+    assert {247, 507} <= set(record["calibration"]["sites"]["model.layers.15.post_attention_layernorm"]["anchors"])
+
+    save_converted(converted, tmp_path / "model", tokenizer)
+    probe = ids[:128][None]
+    with torch.no_grad():
+        expected = converted(probe).logits
+        assert torch.equal(hf_dynorm.load_model(tmp_path / "model")(probe).logits, expected)
+    torch.save(probe, tmp_path / "probe.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch; sys.modules['hf_dynorm'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)\n"
+        f"p = torch.load({str(tmp_path / 'probe.pt')!r})\n"
+        f"print('IDENTICAL', torch.equal(m(p).logits, torch.load({str(tmp_path / 'expected.pt')!r})))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)
+    assert "IDENTICAL True" in run.stdout, run.stderr[-2000:]
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dynorm"]["norm"] == "dyisru"
