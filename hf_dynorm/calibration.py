@@ -199,6 +199,17 @@ class Calibration:
         }
         return values, site_anchors, summary
 
+    def local_sensitivity(self, norm: str, estimator: str = DEFAULT_ESTIMATOR, anchors: int = 0) -> list[str]:
+        """Site names, least sensitive first, by the replacement's relative error against the norm on the
+        calibration rows: a cheap stand-in for the per-site perplexity sweep of `hf-dynorm calibrate`."""
+        values, site_anchors, _ = self.parameters(norm, estimator, anchors)
+
+        def relative(name):
+            site = self.sites[name]
+            return site.error(norm, values[name], site_anchors[name]) / float(site.targets.pow(2).mean())
+
+        return sorted(self.sites, key=relative)
+
 
 @torch.no_grad()
 def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite] | None = None,

@@ -181,6 +181,12 @@ def convert(
     return model
 
 
+def refresh_record(model: nn.Module) -> None:
+    """Bring each site's shape record up to date with its module (after anchors were added or dropped)."""
+    for name, spec in model.config.dynorm["sites"].items():
+        spec.update(model.get_submodule(name).spec())
+
+
 def save_converted(model: nn.Module, output_dir, tokenizer=None, *, overwrite: bool = False, **kwargs) -> None:
     """`model.save_pretrained` (+ tokenizer) into `output_dir` atomically; refuses an unconverted model."""
     if not is_converted(model):

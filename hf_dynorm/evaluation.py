@@ -47,12 +47,13 @@ def _percentiles(values: torch.Tensor) -> dict[str, float]:
 def score_tokens(model, ids: torch.Tensor, window: int = 512, stride: int | None = None, batch_size: int = 4,
                  progress: bool = True) -> tuple[torch.Tensor, list]:
     """NLL of every scored token (each token after the first exactly once) and the windows that scored them."""
-    context = getattr(model.config, "max_position_embeddings", None)
+    inner = getattr(model, "module", model)  # a DDP-wrapped model keeps its config on .module
+    context = getattr(inner.config, "max_position_embeddings", None)
     if context and window > context:
         raise ValueError(f"window {window} is longer than the model's context of {context} tokens: use --window "
                          f"{context} or less.")
     windows = strided_windows(ids.numel(), window, stride)
-    check_vocabulary(ids, model)
+    check_vocabulary(ids, inner)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

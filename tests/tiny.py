@@ -53,3 +53,42 @@ def tiny_model(model_type: str, seed: int = 0):
 def tiny_inputs(batch: int = 2, length: int = 12, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+WORDS = ("the a one two red blue cat dog runs sees eats big small old new house tree river city king queen "
+         "sun moon star sky sea and or but with from into over under near far fast slow green black white "
+         "bird fish horse song book road hill stone fire water wind rain snow light dark day night").split()
+
+
+def tiny_text(sentences: int = 400, seed: int = 0) -> str:
+    """Pseudo-English with some structure (a tiny model can learn it a little)."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(sentences):
+        subject, verb, obj = rng.choice(WORDS[:6]), rng.choice(("runs", "sees", "eats")), rng.choice(WORDS[6:])
+        lines.append(f"{subject} {rng.choice(WORDS[8:16])} {subject} {verb} {obj} {rng.choice(WORDS[16:])} .")
+    return "\n".join(lines)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", ".", *dict.fromkeys(WORDS)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    assert len(vocab) <= VOCAB
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_checkpoint(folder, model_type: str = "llama", seed: int = 0):
+    """A tiny model with a tokenizer and a text file beside it: what distillation needs, without assets."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    tiny_model(model_type, seed).save_pretrained(folder / "model")
+    tiny_tokenizer().save_pretrained(folder / "model")
+    (folder / "text.txt").write_text(tiny_text())
+    return folder / "model", folder / "text.txt"

@@ -1,0 +1,213 @@
+"""Distillation: the single-copy teacher, LoRA merge, schedules, multi-process equivalence, resume, faults."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_dynorm
+from hf_dynorm.distill import (
+    DistillConfig, DistillationSite, apply_schedule, parse_config, set_teacher, site_starts, unwrap_sites, wrap_sites,
+)
+from hf_dynorm.modeling_dynorm import DyISRU
+from tiny import save_tiny_checkpoint, tiny_inputs, tiny_model
+
+RECIPE = str(Path(__file__).parent.parent / "recipes" / "tiny" / "llama.yaml")
+CPU_2PROC = str(Path(__file__).parent.parent / "recipes" / "accelerate" / "cpu_2proc.yaml")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def distill_args(checkpoint, out, *extra):
+    model, text = checkpoint
+    return ["--config", RECIPE, "--model", str(model), "--data", str(text), "--output_dir", str(out),
+            "--eval_window", "32", *map(str, extra)]
+
+
+def run_distill(args, launcher=None, timeout=600):
+    command = (launcher or [sys.executable, "-m", "hf_dynorm.distill"]) + args
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def converted_with_sites(model_type="llama"):
+    model = tiny_model(model_type)
+    originals = {site.name: model.get_submodule(site.name) for site in hf_dynorm.find_norm_sites(model)}
+    hf_dynorm.convert(model, "dyisru", anchors=[1, 2])
+    return model, wrap_sites(model, originals)
+
+
+def test_single_copy_teacher_is_exactly_the_unconverted_model():
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        expected = tiny_model("llama")(inputs).logits
+        student, sites = converted_with_sites()
+        set_teacher(sites, True)
+        assert torch.equal(student(inputs).logits, expected)
+        set_teacher(sites, False)
+        apply_schedule(sites, {name: 0 for name in sites}, 100, DistillConfig(ramp_steps=1))
+        assert not torch.equal(student(inputs).logits, expected)
+
+
+def test_lora_merge_leaves_logits_unchanged():
+    from peft import LoraConfig, get_peft_model
+
+    student, sites = converted_with_sites()
+    apply_schedule(sites, {name: 0 for name in sites}, 5, DistillConfig(ramp_steps=10))
+    peft_model = get_peft_model(student, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        before = peft_model(inputs).logits
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(inputs).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_progressive_schedule_ends_with_no_original_norm_left():
+    student, sites = converted_with_sites("qwen3")
+    config = DistillConfig(schedule="progressive", ramp_steps=3, gap_steps=2, max_steps=40)
+    starts = site_starts(config, list(sites), None)
+    assert sorted(starts.values()) == [2 * i for i in range(len(sites))]
+    apply_schedule(sites, starts, 0, config)
+    assert [site.blend for site in sites.values()].count(0.0) == len(sites) - 1
+    apply_schedule(sites, starts, 39, config)
+    assert all(site.blend == 1.0 for site in sites.values())
+    unwrap_sites(student)
+    assert not any(isinstance(m, DistillationSite) or type(m).__name__.endswith("RMSNorm")
+                   for m in student.modules())
+
+
+def test_anchor_fade_reaches_zero_at_the_end():
+    student, sites = converted_with_sites()
+    config = DistillConfig(max_steps=20, anchor_fade_steps=10)
+    apply_schedule(sites, {n: 0 for n in sites}, 5, config)
+    assert all(float(s.replacement.anchor_weight) == 1.0 for s in sites.values())
+    apply_schedule(sites, {n: 0 for n in sites}, 20, config)
+    assert all(float(s.replacement.anchor_weight) == 0.0 for s in sites.values())
+
+
+def test_distill_trains_saves_and_reloads(checkpoint, tmp_path):
+    run = run_distill(distill_args(checkpoint, tmp_path, "--mode", "full", "--hidden_weight", "1",
+                                   "--anchor_fade_steps", "3", "--max_steps", "8"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "final" / "results.json").read_text())
+    assert results["anchored"] is False and len(results["history"]) == 8
+    model = hf_dynorm.load_model(tmp_path / "final")
+    assert all(m.anchors.numel() == 0 for m in model.modules() if isinstance(m, DyISRU))
+    assert model.config.dynorm["distillation"]["mode"] == "full"
+    assert not any(type(m).__name__.endswith("RMSNorm") for m in model.modules())
+
+
+def test_loss_falls(checkpoint, tmp_path):
+    # the random tiny teacher knows nothing of the text: cross-entropy on it has far to fall
+    run = run_distill(distill_args(checkpoint, tmp_path, "--norm", "dyt", "--anchors", "0", "--mode", "full",
+                                   "--schedule", "all", "--ramp_steps", "1", "--kl_weight", "0", "--ce_weight", "1",
+                                   "--max_steps", "30", "--base_learning_rate", "3e-3", "--save_every", "100",
+                                   "--eval_every", "100"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    history = json.loads((tmp_path / "final" / "results.json").read_text())["history"]
+    first, last = history[0]["ce"], sum(h["ce"] for h in history[-5:]) / 5
+    assert last < 0.8 * first
+
+
+def final_weights(folder):
+    return load_file(str(Path(folder) / "final" / "model.safetensors"))
+
+
+def test_two_cpu_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path):
+    # cross-entropy (far from 0, unlike the near-perfect tiny KL) and a large Adam epsilon (updates linear in tiny
+    # gradients, whose last bits depend on the reduction order) make the comparison well conditioned
+    common = ["--mode", "full", "--max_steps", "4", "--save_every", "100", "--eval_every", "100",
+              "--adam_epsilon", "1e-2", "--kl_weight", "0", "--ce_weight", "1", "--base_learning_rate", "1e-2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC, "-m",
+              "hf_dynorm.distill"]
+    one = run_distill(distill_args(checkpoint, tmp_path / "one", *common, "--batch_size", "4"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_distill(distill_args(checkpoint, tmp_path / "two", *common, "--batch_size", "2"), launch)
+    assert "num_processes=2" in two.stdout, two.stdout[-2000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    history = [json.loads((tmp_path / run / "final" / "results.json").read_text())["history"]
+               for run in ("one", "two")]
+    for a, b in zip(*history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(checkpoint, tmp_path):
+    common = ["--mode", "full", "--max_steps", "14", "--save_every", "2", "--eval_every", "100"]
+    straight = run_distill(distill_args(checkpoint, tmp_path / "straight", *common))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "hf_dynorm.distill", *distill_args(checkpoint, out, *common)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000004").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (out / "final").exists()
+    resumed = run_distill(distill_args(checkpoint, out, *common, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    a, b = final_weights(tmp_path / "straight"), final_weights(out)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkpoint, tmp_path):
+    run = run_distill(distill_args(checkpoint, tmp_path, "--mode", "full", "--learning_rate", "1e30",
+                                   "--base_learning_rate", "1e30", "--max_grad_norm", "1e30", "--max_steps", "20",
+                                   "--max_nan_skips", "2", "--save_every", "1", "--warmup_steps", "0"))
+    assert run.returncode == 1
+    assert "non-finite losses; stopping" in run.stdout
+    assert not (tmp_path / "final").exists()
+    checkpoints = list((tmp_path / "checkpoints").iterdir())
+    assert checkpoints and not any(p.name.endswith(".partial") for p in checkpoints)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--colour", "blue"], "colour"),
+    (["--mode", "adapters"], "mode must be one of"),
+    (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+])
+def test_bad_config_fails_before_loading_a_model(checkpoint, tmp_path, override, message):
+    started = time.time()
+    run = run_distill(distill_args(checkpoint, tmp_path, *override))
+    assert run.returncode == 2 and message in run.stderr
+    assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_unknown_key_in_recipe_and_unregistered_model(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model: smollm2-135m\nlearnin_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learnin_rate'\]"):
+        parse_config(["--config", str(recipe)])
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "starcoder2"}))
+    with pytest.raises(ValueError, match="not in hf_dynorm's registry"):
+        parse_config(["--model", str(folder)])
+
+
+@pytest.mark.parametrize("recipe", ["llama-3.2-1b", "qwen3-0.6b", "gemma-3-1b", "gpt2"])
+def test_multi_gpu_recipes_smoke_on_a_tiny_model_of_their_architecture(recipe, tmp_path):
+    model_type = {"llama-3.2-1b": "llama", "qwen3-0.6b": "qwen3", "gemma-3-1b": "gemma3_text", "gpt2": "gpt2"}[recipe]
+    model, text = save_tiny_checkpoint(tmp_path, model_type)
+    path = Path(__file__).parent.parent / "recipes" / recipe / "dyisru.yaml"
+    run = run_distill(["--config", str(path), "--model", str(model), "--data", str(text), "--train_split", "train",
+                       "--eval_split", "test", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                       "--seq_len", "32", "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                       "--eval_window", "32", "--eval_windows", "1", "--calibration_windows", "4",
+                       "--mixed_precision", "no", "--report_to", "none", "--progress", "false"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
