@@ -77,6 +77,10 @@ def cmd_eval(args) -> None:
     else:
         results = {"model": perplexity(model, args.data, **options).to_dict()}
     results.update(model_id=str(args.model), reference_id=args.reference, data=args.data, split=args.split)
+    if Path(args.model).is_dir():
+        from .hub import model_fingerprint
+
+        results["model_fingerprint"] = model_fingerprint(args.model)
     write_eval_report(results, args.out)
     print(Path(args.out, "report.md").read_text())
 
@@ -93,6 +97,23 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.out, model_id=args.model, norm=args.norm, anchors=args.anchors, eval_windows=args.eval_windows)
+
+
+def cmd_card(args) -> None:
+    from .hub import write_card
+
+    results = json.loads(Path(args.results).read_text()) if args.results else None
+    print(f"wrote {write_card(args.folder, results, license=args.license)}")
+
+
+def cmd_push(args) -> None:
+    from .hub import push_to_hub
+
+    if args.dry_run and not args.out:
+        raise ValueError("--dry-run needs --out STAGE: the folder to write instead of uploading.")
+    where = push_to_hub(args.folder, args.repo_id, results=args.results, private=args.private, token=args.token,
+                        revision=args.revision, license=args.license, dry_run_dir=args.out if args.dry_run else None)
+    print(f"staged in {where} (nothing uploaded)" if args.dry_run else f"pushed: {where}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 512 tokens")
     calibrate.add_argument("--no-sensitivity", action="store_true", help="skip the per-site sweep")
     calibrate.set_defaults(func=cmd_calibrate)
+
+    card = commands.add_parser("card", help="render the model card into a converted folder's README.md")
+    card.add_argument("folder")
+    card.add_argument("--results", help="results.json of `hf-dynorm eval` or of distillation for this folder")
+    card.add_argument("--license", help="the base model's licence (default: known for embedded models, else other)")
+    card.set_defaults(func=cmd_card)
+
+    push = commands.add_parser("push", help="upload a converted folder with its card in one commit")
+    push.add_argument("folder")
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--results")
+    push.add_argument("--private", action="store_true", default=None)
+    push.add_argument("--token")
+    push.add_argument("--revision")
+    push.add_argument("--license")
+    push.add_argument("--dry-run", action="store_true", help="write the stage folder to --out, upload nothing")
+    push.add_argument("--out")
+    push.set_defaults(func=cmd_push)
 
     demo = commands.add_parser("demo", help="the main job on the embedded defaults: convert, save, reload, compare")
     demo.add_argument("--model", default=EMBEDDED_MODEL)

@@ -276,6 +276,7 @@ def train(config: DistillConfig) -> dict | None:
     from .conversion import convert, refresh_record, save_converted
     from .data import full_windows, token_stream
     from .evaluation import perplexity
+    from .hub import model_fingerprint, write_card
 
     output = Path(config.output_dir)
     accelerator = Accelerator(
@@ -449,7 +450,9 @@ def train(config: DistillConfig) -> dict | None:
                   "tokens_per_second": (step * per_step * config.seq_len) / max(seconds, 1e-9),
                   "skipped_steps": skipped, "history": history, "config": asdict(config)}
         save_converted(final, output / "final", tokenizer, overwrite=True)
+        result["model_fingerprint"] = model_fingerprint(output / "final")
         (output / "final" / "results.json").write_text(json.dumps(result, indent=2, default=str))
+        write_card(output / "final", result)
         say(f"final: perplexity ratio {result['final_perplexity_ratio']:.4g} "
             f"({'anchored' if anchored else 'pure element-wise'}), saved to {output / 'final'}")
     return result if result is not None else {}  # {} on the other processes: they succeeded too
