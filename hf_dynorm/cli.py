@@ -81,7 +81,38 @@ def cmd_eval(args) -> None:
         from .hub import model_fingerprint
 
         results["model_fingerprint"] = model_fingerprint(args.model)
+    plots = []
+    if args.fidelity:
+        results["fidelity"], plots = _fidelity(args, model, tokenizer)
     write_eval_report(results, args.out)
+    if plots:
+        from .fidelity import plot_fidelity
+
+        plot_fidelity(plots, args.out)
+    print(Path(args.out, "report.md").read_text())
+
+
+def _fidelity(args, model, tokenizer):
+    from . import load_model
+    from .calibration import calibrate
+    from .data import token_stream
+    from .fidelity import outlier_fidelity
+
+    ids = token_stream(args.data, tokenizer, args.split)
+    if getattr(model.config, "dynorm", None) is not None:
+        if not args.reference:
+            raise ValueError("--fidelity on a converted model compares it with its original: add --reference MODEL.")
+        results = outlier_fidelity(model, ids, reference=load_model(args.reference), window=args.window)
+    else:
+        calibration = calibrate(model, args.data, tokenizer=tokenizer, split="train", max_windows=16)
+        results = outlier_fidelity(model, ids, calibration=calibration, window=args.window)
+    return {k: v for k, v in results.items() if not k.startswith("_")}, results
+
+
+def cmd_paper_demo(args) -> None:
+    from .paper_demo import run_paper_demo
+
+    run_paper_demo(args.out)
     print(Path(args.out, "report.md").read_text())
 
 
@@ -141,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stride", type=int)
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--max-tokens", type=int)
+    evaluate.add_argument("--fidelity", action="store_true",
+                          help="outlier fidelity per site (converted: against --reference; else DyT/DyISRU what-if)")
     evaluate.add_argument("--out", default="outputs/eval")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -152,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 512 tokens")
     calibrate.add_argument("--no-sensitivity", action="store_true", help="skip the per-site sweep")
     calibrate.set_defaults(func=cmd_calibrate)
+
+    demo_paper = commands.add_parser("paper-demo", help="the paper's numerical demonstration, with a sweep")
+    demo_paper.add_argument("--out", default="outputs/paper-demo")
+    demo_paper.set_defaults(func=cmd_paper_demo)
 
     card = commands.add_parser("card", help="render the model card into a converted folder's README.md")
     card.add_argument("folder")

@@ -81,7 +81,7 @@ def default_parameter(kind: str, channels: int) -> float:
     return float(channels) if kind == "dyisru" else 1.0 / math.sqrt(channels)
 
 
-def _build(kind: str, site: NormSite, original: nn.Module, value: float, per_channel: bool,
+def build_replacement(kind: str, site: NormSite, original: nn.Module, value: float, per_channel: bool,
            anchors: list[int]) -> nn.Module:
     bias = getattr(original, "bias", None)
     if kind == "dyisru":
@@ -157,7 +157,7 @@ def convert(
                         else [] for site in chosen}
         origin = "explicit" if explicit is not None else "default: unit rms (kappa = C, alpha = 1/sqrt(C))"
 
-    new_modules = {site.name: _build(norm, site, originals[site.name], values[site.name], per_channel,
+    new_modules = {site.name: build_replacement(norm, site, originals[site.name], values[site.name], per_channel,
                                      site_anchors[site.name]) for site in chosen}
 
     base_type = model.config.model_type

@@ -58,6 +58,15 @@ def write_eval_report(results: dict, out) -> Path:
             ["window", "mean NLL", "text (start)"],
             [[w["index"], w["mean_nll"], (w["text"] or "")[:120].replace("\n", " ").replace("|", "/")]
              for w in worst])
+    if "fidelity" in results:
+        fidelity = results["fidelity"]
+        rows = [[role, label, *(metrics[label][f"relative_l2_{k}"] for k in ("all", "outlier_elements",
+                                                                               "outlier_tokens", "saturated")),
+                 metrics[label]["sign_agreement"]]
+                for role, metrics in fidelity["by_role"].items() for label in fidelity["candidates"]]
+        report += (f"\n## Outlier fidelity ({fidelity['tokens']} tokens; relative L2 error against the norm)\n\n"
+                   + markdown_table(["role", "candidate", "all", "outlier elements", "outlier tokens", "saturated",
+                                     "sign agreement"], rows))
     return write_results(out, results, report)
 
 

@@ -1,0 +1,186 @@
+"""Outlier fidelity: on real activations, how well does the element-wise function reproduce what the norm did?
+
+For every norm site, forward hooks feed the site's real input to the original norm and to each candidate
+replacement, and accumulate errors: over all elements, over outlier elements (|x_i| > k * the token's rms), over
+outlier tokens (token rms > m * the batch median), in the norm's saturated range, plus sign and top-k channel
+agreement. Candidates are a converted model's own trained modules (against the original model's norms), or, for
+an unconverted model, DyT and DyISRU calibrated from the same data (a what-if).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import find_norm_sites
+from .data import check_vocabulary, full_windows
+
+ERROR_KINDS = ("all", "outlier_elements", "outlier_tokens", "saturated")
+
+
+class SiteFidelity:
+    """Streaming error sums of several candidates against one norm's output."""
+
+    def __init__(self, element_k: float, token_m: float, topk: int, keep_points: int):
+        self.element_k, self.token_m, self.topk, self.keep_points = element_k, token_m, topk, keep_points
+        self.sums = defaultdict(float)
+        self.points = defaultdict(list)  # candidate -> [(norm output, candidate output)] of outlier elements
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, reference: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
+        x, reference = x.reshape(-1, x.shape[-1]).float(), reference.reshape(-1, x.shape[-1]).float()
+        token_rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        masks = {
+            "all": torch.ones_like(x, dtype=torch.bool),
+            "outlier_elements": x.abs() > self.element_k * token_rms,
+            "outlier_tokens": (token_rms > self.token_m * token_rms.median()).expand_as(x),
+            "saturated": reference.abs() > 0.5 * reference.abs().amax(-1, keepdim=True),
+        }
+        top_reference = reference.abs().topk(min(self.topk, x.shape[-1]), -1).indices
+        for label, output in candidates.items():
+            output = output.reshape(-1, x.shape[-1]).float()
+            error = (output - reference).pow(2)
+            for kind, mask in masks.items():
+                self.sums[label, kind, "error"] += float(error[mask].sum())
+                self.sums[label, kind, "reference"] += float(reference.pow(2)[mask].sum())
+            self.sums[label, "sign"] += float((torch.sign(output) == torch.sign(reference)).float().sum())
+            top = output.abs().topk(top_reference.shape[-1], -1).indices
+            overlap = (top.unsqueeze(-1) == top_reference.unsqueeze(-2)).any(-1).float().mean(-1)
+            self.sums[label, "topk"] += float(overlap.sum())
+            room = self.keep_points - len(self.points[label])
+            if room > 0:
+                mask = masks["outlier_elements"]
+                self.points[label] += list(zip(reference[mask][:room].tolist(), output[mask][:room].tolist()))
+        self.sums["elements"] += x.numel()
+        self.sums["tokens"] += x.shape[0]
+
+    def metrics(self, label: str) -> dict:
+        def relative(kind):
+            reference = self.sums[label, kind, "reference"]
+            return (self.sums[label, kind, "error"] / reference) ** 0.5 if reference > 0 else None
+
+        return {**{f"relative_l2_{kind}": relative(kind) for kind in ERROR_KINDS},
+                "sign_agreement": self.sums[label, "sign"] / self.sums["elements"],
+                f"top{self.topk}_agreement": self.sums[label, "topk"] / self.sums["tokens"]}
+
+
+def what_if_candidates(model, calibration) -> dict[str, dict[str, nn.Module]]:
+    """DyT, DyISRU and anchored DyISRU (k = 4) calibrated for each site of an unconverted model."""
+    from .conversion import build_replacement
+
+    candidates = defaultdict(dict)
+    for label, norm, anchors in (("dyt", "dyt", 0), ("dyisru", "dyisru", 0), ("dyisru_anchored4", "dyisru", 4)):
+        values, site_anchors, _ = calibration.parameters(norm, anchors=anchors)
+        for name, value in values.items():
+            site = calibration.sites[name].site
+            original = model.get_submodule(name)
+            candidates[name][label] = build_replacement(norm, site, original, value, False, site_anchors[name])
+    return candidates
+
+
+@torch.no_grad()
+def outlier_fidelity(model, ids: torch.Tensor, *, reference=None, calibration=None, window: int = 512,
+                     max_windows: int = 16, batch_size: int = 4, element_k: float = 4.0, token_m: float = 4.0,
+                     topk: int = 8, keep_points: int = 4000, progress: bool = True) -> dict:
+    """Per-site fidelity of a converted `model` against `reference`'s norms, or (unconverted `model`) of
+    candidates calibrated by `calibration` (a `Calibration` of the same model)."""
+    converted = getattr(model.config, "dynorm", None) is not None
+    if converted:
+        if reference is None:
+            raise ValueError("a converted model is compared with its original: pass reference= (--reference).")
+        names = list(model.config.dynorm["sites"])
+        originals = {name: reference.get_submodule(name) for name in names}
+        candidates = {name: {"converted": model.get_submodule(name)} for name in names}
+        roles = {name: (spec["role"], spec["depth"]) for name, spec in model.config.dynorm["sites"].items()}
+    else:
+        sites = find_norm_sites(model)
+        if not sites:
+            raise ValueError(f"{type(model).__name__} has no norm sites: outlier fidelity needs a model with norms.")
+        if calibration is None:
+            raise ValueError("an unconverted model needs calibration= to build its DyT/DyISRU candidates.")
+        originals = {site.name: model.get_submodule(site.name) for site in sites}
+        candidates = what_if_candidates(model, calibration)
+        roles = {site.name: (site.role, site.depth) for site in sites}
+
+    check_vocabulary(ids, model)
+    fidelity = {name: SiteFidelity(element_k, token_m, topk, keep_points) for name in originals}
+
+    def hook(name):  # .forward, not __call__: a candidate may be the hooked module itself
+        def record(module, args):
+            x = args[0]
+            outputs = {label: candidate.forward(x) for label, candidate in candidates[name].items()}
+            fidelity[name].update(x, originals[name].forward(x), outputs)
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in originals]
+    batches = full_windows(ids, window, max_windows)
+    try:
+        for first in tqdm(range(0, len(batches), batch_size), desc="fidelity", disable=not progress):
+            model(input_ids=batches[first:first + batch_size].to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    labels = sorted({label for c in candidates.values() for label in c})
+    per_site = {name: {"role": roles[name][0], "depth": roles[name][1],
+                       **{label: fidelity[name].metrics(label) for label in labels}} for name in originals}
+    return {"candidates": labels, "tokens": batches.numel(), "element_k": element_k, "token_m": token_m,
+            "sites": per_site, "by_role": _aggregate(per_site, labels, "role"),
+            "by_depth": _aggregate(per_site, labels, "depth"),
+            "response_site": max(originals, key=lambda n: len(fidelity[n].points[labels[0]])),
+            "_points": {name: dict(f.points) for name, f in fidelity.items()}}
+
+
+def _aggregate(per_site: dict, labels: list[str], key: str) -> dict:
+    groups = defaultdict(list)
+    for site in per_site.values():
+        groups[str(site[key])].append(site)
+    return {group: {label: {metric: _mean([s[label][metric] for s in sites])
+                            for metric in sites[0][label]} for label in labels}
+            for group, sites in sorted(groups.items())}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def plot_fidelity(results: dict, out) -> list[str]:
+    """Per-depth error curves of every candidate, and the response curve of the most outlier-laden site."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    depths = sorted(int(d) for d in results["by_depth"] if d != "None")
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label in results["candidates"]:
+        for kind, style in (("all", "-"), ("outlier_elements", "--")):
+            axis.plot(depths, [results["by_depth"][str(d)][label][f"relative_l2_{kind}"] for d in depths], style,
+                      label=f"{label}: {kind.replace('_', ' ')}")
+    axis.set(xlabel="layer", ylabel="relative L2 error vs the norm", yscale="log",
+             title="Outlier fidelity by depth")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "fidelity_by_depth.png", dpi=120)
+    plt.close(figure)
+
+    site = results["response_site"]
+    figure, axis = plt.subplots(figsize=(5, 5))
+    for label, points in results["_points"][site].items():
+        if points:
+            reference, output = zip(*points)
+            axis.scatter(reference, output, s=4, alpha=0.5, label=label)
+    limits = axis.get_xlim()
+    axis.plot(limits, limits, color="grey", lw=0.7)
+    axis.set(xlabel="norm output", ylabel="replacement output", title=f"Outlier elements at {site}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "fidelity_response.png", dpi=120)
+    plt.close(figure)
+    return ["fidelity_by_depth.png", "fidelity_response.png"]

@@ -1,0 +1,93 @@
+"""Outlier fidelity and the paper's numerical demonstration."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import hf_dynorm
+from hf_dynorm.architectures import RMS, NormSite
+from hf_dynorm.calibration import calibrate
+from hf_dynorm.fidelity import SiteFidelity, outlier_fidelity, plot_fidelity
+from hf_dynorm.modeling_dynorm import dyisru, dyt
+from hf_dynorm.paper_demo import FUNCTIONS, demonstration, fit, run_paper_demo
+from tiny import VOCAB, tiny_model
+
+
+def ids(n=2048):
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(0))
+
+
+def test_an_unconverted_norm_against_itself_has_zero_error():
+    model = tiny_model("llama")
+    reference = tiny_model("llama")
+    hf_dynorm.convert(model, "dyisru", sites=["final"])
+    # candidate == reference: the reference model's own norm module, the result must be exactly zero
+    model.model.norm = reference.model.norm
+    results = outlier_fidelity(model, ids(), reference=reference, window=32, progress=False)
+    metrics = results["sites"]["model.norm"]["converted"]
+    assert metrics["relative_l2_all"] == 0.0 and metrics["sign_agreement"] == 1.0
+    assert metrics["top8_agreement"] == 1.0
+
+
+def test_dyisru_beats_dyt_on_a_planted_outlier():
+    torch.manual_seed(0)
+    C = 64
+    x = torch.randn(256, C)
+    x[:, 0] = torch.linspace(20, 200, 256)  # one channel grows far beyond the rest
+    reference = x / x.pow(2).mean(-1, keepdim=True).sqrt()  # RMSNorm, weight 1
+    bulk = float(x[:, 1:].pow(2).sum(-1).median())  # the outlier's K_i: the squares of the other channels
+    gamma = torch.full((C,), C ** 0.5)
+    fidelity = SiteFidelity(element_k=4.0, token_m=4.0, topk=4, keep_points=10)
+    fidelity.update(x, reference, {"dyisru": dyisru(x, torch.tensor([bulk]), gamma),
+                                   "dyt": dyt(x, torch.tensor([bulk ** -0.5]), gamma)})
+    assert fidelity.metrics("dyisru")["relative_l2_outlier_elements"] < \
+        fidelity.metrics("dyt")["relative_l2_outlier_elements"]
+
+
+def test_what_if_on_an_unconverted_model_with_plots(tmp_path):
+    model = tiny_model("gpt2")
+    calibration = calibrate(model, ids(), window=32, max_windows=8, progress=False)
+    results = outlier_fidelity(model, ids(), calibration=calibration, window=32, progress=False)
+    assert results["candidates"] == ["dyisru", "dyisru_anchored4", "dyt"]
+    assert set(results["by_role"]) == {"attn_input", "mlp_input", "final"}
+    assert all(0 < s["dyt"]["relative_l2_all"] < 10 for s in results["sites"].values())
+    assert plot_fidelity(results, tmp_path) and (tmp_path / "fidelity_by_depth.png").stat().st_size > 1000
+
+
+def test_fidelity_errors():
+    with pytest.raises(ValueError, match="pass reference="):
+        outlier_fidelity(hf_dynorm.convert(tiny_model("llama"), "dyt"), ids(), window=32)
+    with pytest.raises(ValueError, match="has no norm sites"):
+        outlier_fidelity(NoNorms(), ids(), window=32)
+
+
+class NoNorms(torch.nn.Module):
+    """A 'model' with a config and a linear layer, but no norm."""
+
+    config = type("Config", (), {"model_type": "no-norms", "dynorm": None})()
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+
+
+def test_paper_demo_is_deterministic_and_dyisru_wins(tmp_path):
+    first, second = demonstration(), demonstration()
+    assert first == second
+    assert first["dyisru"]["mean_abs_residual"] < 0.1 * first["dyt"]["mean_abs_residual"]
+    # for RMSNorm the moving entry's K (the other squares) is constant: DyISRU is the generating function
+    assert demonstration(100, "rms")["dyisru"]["mean_abs_residual"] < 1e-9
+    results = run_paper_demo(tmp_path)
+    assert (tmp_path / "paper_demo.png").exists() and json.loads((tmp_path / "results.json").read_text())
+    assert len(results["sweep"]) == 25
+
+
+@pytest.mark.parametrize("name", ["dyt", "dyisru"])
+def test_fit_recovers_the_generating_parameter(name):
+    function, _ = FUNCTIONS[name]
+    x = np.linspace(-40, 40, 30)
+    truth = 0.07 if name == "dyt" else 150.0
+    value, residual = fit(function, x, function(x, 10.0, truth), 10.0)
+    assert value == pytest.approx(truth, rel=1e-4) and residual < 1e-6
