@@ -91,3 +91,20 @@ def test_fit_recovers_the_generating_parameter(name):
     truth = 0.07 if name == "dyt" else 150.0
     value, residual = fit(function, x, function(x, 10.0, truth), 10.0)
     assert value == pytest.approx(truth, rel=1e-4) and residual < 1e-6
+
+
+def test_metrics_load_through_evaluate():
+    import evaluate
+
+    from hf_dynorm import metrics
+    from tiny import tiny_text, tiny_tokenizer
+
+    tokenizer, texts = tiny_tokenizer(), tiny_text(60).splitlines()
+    model = tiny_model("llama")
+    metric = evaluate.load(metrics.path("dynorm_perplexity"))
+    scores = metric.compute(predictions=texts, model=model, tokenizer=tokenizer, reference=model, window=32)
+    assert scores["perplexity_ratio"] == 1.0 and scores["tokens"] > 100
+    converted = hf_dynorm.convert(tiny_model("llama"), "dyisru")
+    fidelity = evaluate.load(metrics.path("dynorm_fidelity"))
+    result = fidelity.compute(predictions=texts, model=converted, reference=model, tokenizer=tokenizer, window=32)
+    assert 0 < result["relative_l2_all"] < 1 and set(result["by_role"]) == {"attn_input", "mlp_input", "final"}
