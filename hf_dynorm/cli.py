@@ -127,7 +127,10 @@ def cmd_calibrate(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, model_id=args.model, norm=args.norm, anchors=args.anchors, eval_windows=args.eval_windows)
+    run_demo(args.out, args.overrides)
+
+
+
 
 
 def cmd_card(args) -> None:
@@ -208,18 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--out")
     push.set_defaults(func=cmd_push)
 
-    demo = commands.add_parser("demo", help="the main job on the embedded defaults: convert, save, reload, compare")
-    demo.add_argument("--model", default=EMBEDDED_MODEL)
-    demo.add_argument("--norm", choices=("dyisru", "dyt"), default="dyisru")
-    demo.add_argument("--anchors", type=int, default=4)
-    demo.add_argument("--eval-windows", type=int, default=4)
+    demo = commands.add_parser("demo", help="the main job: calibrate, convert, distil, evaluate the embedded default")
     demo.add_argument("--out", default="outputs/demo")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo)  # further --key value arguments override the distillation recipe
+
+    commands.add_parser("distill", help="distil: --config RECIPE.yaml [--key value ...] (see hf_dynorm.distill)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["distill"]:  # its own HfArgumentParser takes every recipe key
+        from .distill import main as distill_main
+
+        return distill_main(argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)

@@ -1,20 +1,19 @@
-"""The main job on the embedded defaults: convert SmolLM2-135M, save, reload, and compare with the original."""
+"""The main job on the embedded defaults: calibrate, convert and distil SmolLM2-135M, reload it, compare, card.
+
+    hf-dynorm demo [--out outputs/demo] [--max_steps N]
+"""
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from .assets import EMBEDDED_TEXT
-from .calibration import calibrate
-from .conversion import convert, save_converted
-from .data import token_stream
-from .evaluation import perplexity
 from .reports import markdown_table, write_results
 
+QUICK_RECIPE = Path(__file__).parent.parent / "recipes" / "smollm2-135m" / "quick.yaml"
 PROMPT = "The history of the Roman Empire"
 
 
@@ -25,57 +24,39 @@ def greedy(model, tokenizer, prompt: str = PROMPT, tokens: int = 24) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def run_demo(out, *, model_id="smollm2-135m", norm: str = "dyisru", anchors: int = 4, eval_windows: int = 4,
-             calibration_windows: int = 16) -> dict:
+def run_demo(out, overrides: list[str] = ()) -> dict:
     from . import load_model, load_tokenizer
+    from .distill import parse_config, train
 
     out = Path(out)
-    step = _Steps()
-    tokenizer = load_tokenizer(model_id)
-    original = load_model(model_id)
-    ids = token_stream(EMBEDDED_TEXT, tokenizer, "test")[: eval_windows * 512]
-    step("loaded model and text")
-
-    cal = calibrate(original, EMBEDDED_TEXT, tokenizer=tokenizer, split="train", max_windows=calibration_windows)
-    step(f"calibrated on {cal.tokens} tokens")
-    converted = convert(load_model(model_id), norm, calibration=cal, anchors=anchors if norm == "dyisru" else None)
-    save_converted(converted, out / "model", tokenizer, overwrite=True)
-    reloaded = load_model(out / "model")
-    probe = ids[:256][None]
-    with torch.no_grad():
-        identical = torch.equal(converted(probe).logits, reloaded(probe).logits)
-    if not identical:
-        raise RuntimeError("the reloaded model's logits differ from the converted model's: please report this bug.")
-    step(f"converted {len(converted.config.dynorm['sites'])} norms to {norm}, saved to {out / 'model'}, reloaded "
-         "bit-identically")
-
-    before, after = perplexity(original, ids, progress=False), perplexity(reloaded, ids, progress=False)
-    ratio = math.exp(min(after.mean_nll - before.mean_nll, 700))
-    generations = {"original": greedy(original, tokenizer), "converted": greedy(reloaded, tokenizer)}
-    step("evaluated")
-    results = {"model": model_id, "norm": norm, "anchors": anchors, "original": before.to_dict(),
-               "converted": after.to_dict(), "perplexity_ratio": ratio, "prompt": PROMPT, "generations": generations,
-               "reload_bit_identical": identical, "seconds": step.log}
-    report = (f"# hf_dynorm demo: {model_id} -> {norm} (anchors {anchors}), no training\n\n"
-              + markdown_table(["model", "perplexity", "worst window NLL", "greedy continuation of " + repr(PROMPT)],
-                               [["original", before.perplexity, before.window_nll_percentiles["p100"],
-                                 generations["original"].replace("\n", " ")],
-                                ["converted", after.perplexity, after.window_nll_percentiles["p100"],
-                                 generations["converted"].replace("\n", " ")]])
-              + f"\nPerplexity ratio: **{ratio:.4g}** on {after.tokens} held-out tokens.\n")
-    write_results(out, results, report)
+    started = time.perf_counter()
+    recipe = QUICK_RECIPE if QUICK_RECIPE.exists() else None
+    config = parse_config((["--config", str(recipe)] if recipe else []) +
+                          ["--output_dir", str(out / "distill"), *overrides])
+    print(f"[main job] distilling {config.model} -> {config.norm} for {config.max_steps} steps; results go to {out}")
+    results = train(config)
+    if results is None:
+        raise RuntimeError("distillation stopped on non-finite losses; see the messages above.")
+    final = out / "distill" / "final"
+    tokenizer = load_tokenizer(final)
+    student, teacher = load_model(final), load_model(config.model)
+    generations = {"original": greedy(teacher, tokenizer), "converted": greedy(student, tokenizer)}
+    curve = [[h["step"], h["tokens"], h["eval_ratio"]] for h in results["history"] if "eval_ratio" in h]
+    summary = {"model": config.model, "norm": config.norm, "final_folder": str(final),
+               "perplexity_ratio": results["final_perplexity_ratio"], "anchored": results["anchored"],
+               "teacher_perplexity": results["teacher_perplexity"], "tokens": results["tokens"],
+               "seconds": time.perf_counter() - started, "generations": generations, "curve": curve}
+    report = (f"# hf_dynorm main job: {config.model} -> {config.norm}\n\n"
+              f"{results['tokens']} tokens of distillation in {summary['seconds']:.0f} s. Held-out perplexity: "
+              f"original {results['teacher_perplexity']:.4g}, converted "
+              f"{results['student']['perplexity']:.4g} (ratio **{results['final_perplexity_ratio']:.4g}**, "
+              f"{'anchored' if results['anchored'] else 'pure element-wise'}).\n\n"
+              + markdown_table(["step", "tokens", "held-out perplexity ratio"], curve)
+              + "\n" + markdown_table(["model", f"greedy continuation of {PROMPT!r}"],
+                                      [[k, v.replace("\n", " ")] for k, v in generations.items()])
+              + f"\nConverted model, with its model card: `{final}`\n")
+    write_results(out, summary, report)
     print(report)
-    print(f"results in {out.resolve()}")
-    return results
-
-
-class _Steps:
-    """Prints progress with elapsed time and keeps it for results.json."""
-
-    def __init__(self):
-        self.start, self.log = time.perf_counter(), {}
-
-    def __call__(self, message: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.log[message] = round(elapsed, 1)
-        print(f"[{elapsed:6.1f} s] {message}", flush=True)
+    print(f"[main job] done: results in {out.resolve()} (report.md, results.json; model in {final})")
+    (out / "summary.json").write_text(json.dumps({"report": str(out / "report.md")}))
+    return summary

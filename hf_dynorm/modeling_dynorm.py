@@ -19,15 +19,21 @@ import torch
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------------------------
-# Functional forms. Computed in fp32 whatever the input dtype (x*x overflows fp16 above 255), cast back at the end.
+# Functional forms. Computed in fp32 for any lower precision (x*x overflows fp16 above 255), cast back at the end.
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs (as HF's RMSNorm), fp64 kept for fp64 (exact tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def dyt(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic Tanh: ``weight * tanh(alpha * x) + bias``."""
-    y = torch.tanh(alpha.float() * x.float()) * weight.float()
+    dtype = compute_dtype(x)
+    y = torch.tanh(alpha.to(dtype) * x.to(dtype)) * weight.to(dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(dtype)
     return y.to(x.dtype)
 
 
@@ -44,18 +50,83 @@ def dyisru(
     ``y_i = weight_i * x_i / sqrt(kappa + x_i^2 + a * sum_{c in anchors, c != i} x_c^2) + bias_i`` where ``a`` is
     ``anchor_weight``. No anchors is the paper's DyISRU; every channel anchored with ``kappa = C * eps`` is RMSNorm.
     """
-    xf = x.float()
+    dtype = compute_dtype(x)
+    xf = x.to(dtype)
     squares = xf * xf
-    denominator = squares + kappa.float()
+    denominator = squares + kappa.to(dtype)
     if anchors is not None and anchors.numel() > 0:
         coupled = squares.index_select(-1, anchors).sum(-1, keepdim=True)
-        is_anchor = torch.zeros(x.shape[-1], device=x.device).index_fill_(0, anchors, 1.0)
+        is_anchor = torch.zeros(x.shape[-1], device=x.device, dtype=dtype).index_fill_(0, anchors, 1.0)
         # an anchor's own square is already in x_i^2: the coupled sum leaves it out
         denominator = denominator + anchor_weight * (coupled - squares * is_anchor)
-    y = xf * torch.rsqrt(denominator) * weight.float()
+    y = xf * torch.rsqrt(denominator) * weight.to(dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(dtype)
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused paths: the same functions as hand-written autograd Functions. Forward makes one fp32 temporary and works
+# in place; backward recomputes from the saved input instead of keeping intermediates (less memory, fewer passes).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a full-size gradient down to a (1,) scalar or (C,) per-channel parameter's shape."""
+    grad = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return (grad.sum().reshape(1) if like.numel() == 1 else grad).to(like.dtype)
+
+
+class FusedDyISRU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kappa, weight, bias):
+        dtype = compute_dtype(x)
+        xf = x.to(dtype)
+        y = torch.addcmul(kappa.to(dtype), xf, xf).rsqrt_().mul_(xf).mul_(weight.to(dtype))
+        if bias is not None:
+            y.add_(bias.to(dtype))
+        ctx.save_for_backward(x, kappa, weight)
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, kappa, weight = ctx.saved_tensors
+        dtype = compute_dtype(x)
+        xf, g = x.to(dtype), grad.to(dtype)
+        r = torch.addcmul(kappa.to(dtype), xf, xf).rsqrt_()  # 1 / sqrt(kappa + x^2)
+        gw = g * weight.to(dtype)
+        r3 = r.pow(3)
+        grad_x = (gw * r3).mul_(kappa.to(dtype)).to(x.dtype)  # d/dx x r = kappa r^3
+        grad_kappa = _reduce_to(gw.mul_(xf).mul_(r3).mul_(-0.5), kappa)
+        grad_weight = _reduce_to(r.mul_(xf).mul_(g), weight)
+        grad_bias = _reduce_to(g, weight) if ctx.has_bias else None
+        return grad_x, grad_kappa, grad_weight, grad_bias
+
+
+class FusedDyT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, weight, bias):
+        dtype = compute_dtype(x)
+        y = (x.to(dtype) * alpha.to(dtype)).tanh_().mul_(weight.to(dtype))
+        if bias is not None:
+            y.add_(bias.to(dtype))
+        ctx.save_for_backward(x, alpha, weight)
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, alpha, weight = ctx.saved_tensors
+        dtype = compute_dtype(x)
+        xf, g = x.to(dtype), grad.to(dtype)
+        t = (xf * alpha.to(dtype)).tanh_()
+        grad_weight = _reduce_to(g * t, weight)
+        slope = t.square_().neg_().add_(1.0).mul_(g).mul_(weight.to(dtype))  # g w (1 - tanh^2)
+        grad_alpha = _reduce_to(slope * xf, alpha)
+        grad_x = slope.mul_(alpha.to(dtype)).to(x.dtype)
+        grad_bias = _reduce_to(g, weight) if ctx.has_bias else None
+        return grad_x, grad_alpha, grad_weight, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,7 +135,13 @@ def dyisru(
 
 
 class _ElementwiseNorm(nn.Module):
-    """Shared parts of DyT and DyISRU: per-channel weight (gamma) and optional bias."""
+    """Shared parts of DyT and DyISRU: per-channel weight (gamma) and optional bias.
+
+    ``fused`` (class or instance attribute, default True) selects the fused autograd Functions; False runs the
+    reference functional form (same values to fp32 rounding).
+    """
+
+    fused = True
 
     def __init__(self, channels: int, *, bias: bool = False):
         super().__init__()
@@ -99,6 +176,8 @@ class DyT(_ElementwiseNorm):
         return self.alpha.numel() > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return FusedDyT.apply(x, self.alpha, self.weight, self.bias)
         return dyt(x, self.alpha, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -150,6 +229,8 @@ class DyISRU(_ElementwiseNorm):
         return {**super().spec(), "anchors": int(self.anchors.numel())}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.anchors.numel() == 0:  # the anchored form runs the reference path
+            return FusedDyISRU.apply(x, self.kappa, self.weight, self.bias)
         return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight)
 
     def extra_repr(self) -> str:

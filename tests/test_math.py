@@ -98,3 +98,46 @@ def test_kappa_is_positive_by_parametrisation_and_per_channel_option():
 def test_set_anchors_rejects_out_of_range():
     with pytest.raises(ValueError, match="anchor channels must lie in"):
         DyISRU(C).set_anchors([C])
+
+
+@pytest.mark.parametrize("kind", ["dyisru", "dyt"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_path_gradients_are_exact(kind, per_channel):
+    from hf_dynorm.modeling_dynorm import FusedDyISRU, FusedDyT
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 8, dtype=torch.float64) * 4).requires_grad_()
+    parameter = (torch.rand(8 if per_channel else 1, dtype=torch.float64) + 0.5).requires_grad_()
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    function = FusedDyISRU if kind == "dyisru" else FusedDyT
+    if kind == "dyisru":
+        parameter = (parameter * 20).detach().requires_grad_()
+    assert torch.autograd.gradcheck(function.apply, (x, parameter, weight, bias))
+
+
+@pytest.mark.parametrize("kind", ["dyisru", "dyt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_and_reference_agree_in_value_and_gradient(kind, dtype):
+    torch.manual_seed(1)
+    module = DyISRU(C, kappa=900.0, bias=True) if kind == "dyisru" else DyT(C, alpha=0.02, bias=True)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 2.0)
+        module.bias.normal_()
+    x = torch.randn(4, 6, C) * 30
+    x[0, 0, :3] = torch.tensor([6e4, -6e4, 3e4])
+    results = []
+    for fused in (True, False):
+        module.fused = fused
+        module.zero_grad()
+        inputs = x.to(dtype).requires_grad_()
+        y = module(inputs)
+        (y.float() * torch.linspace(-1, 1, C)).sum().backward()
+        results.append((y, inputs.grad, [p.grad.clone() for p in module.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    assert y1.dtype == dtype and torch.isfinite(y1).all() and torch.isfinite(gx1).all()
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(y1, y2, **tolerance)
+    torch.testing.assert_close(gx1, gx2, **tolerance)
+    for a, b in zip(gp1, gp2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)

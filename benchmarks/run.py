@@ -1,0 +1,259 @@
+"""Every performance goal of hf_dynorm, measured side by side in one process; JSON plus a markdown table.
+
+    python benchmarks/run.py [--quick] [--no-compile] [--skip model,pipeline,distill] [--out benchmarks/results]
+
+Op level: HF's eager RMSNorm and nn.LayerNorm against DyT and DyISRU (reference, fused, torch.compile), forward and
+forward+backward, three shapes, fp32 and bf16. Model level: SmolLM2-135M original against converted, forward and a
+training step. Pipeline: calibration, evaluation against a plain forward loop, outlier-fidelity hook overhead, and
+a distillation step per mode (subprocesses: each reports its own peak memory). Times are medians of repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+import hf_dynorm
+from hf_dynorm.modeling_dynorm import DyISRU, DyT, dyisru, dyt
+from hf_dynorm.reports import markdown_table
+
+SHAPES = ((8, 512, 576), (4, 2048, 2048), (2, 2048, 4096))
+
+
+def median_seconds(function, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def op_candidates(channels: int, compile_ops: bool) -> dict[str, nn.Module]:
+    def reference(module):
+        module = copy.deepcopy(module)
+        module.fused = False
+        return module
+
+    dyisru_module, dyt_module = DyISRU(channels, kappa=float(channels)), DyT(channels, alpha=channels ** -0.5)
+    candidates = {"rmsnorm_eager": LlamaRMSNorm(channels, eps=1e-5), "layernorm": nn.LayerNorm(channels),
+                  "dyt_reference": reference(dyt_module), "dyt_fused": dyt_module,
+                  "dyisru_reference": reference(dyisru_module), "dyisru_fused": dyisru_module}
+    if compile_ops:
+        class Compiled(nn.Module):
+            def __init__(self, module, function, parameter):
+                super().__init__()
+                self.module, self.parameter = module, parameter
+                self.function = torch.compile(function, dynamic=False)
+
+            def forward(self, x):
+                return self.function(x, getattr(self.module, self.parameter), self.module.weight)
+
+        candidates["dyt_compiled"] = Compiled(copy.deepcopy(dyt_module), dyt, "alpha")
+        candidates["dyisru_compiled"] = Compiled(copy.deepcopy(dyisru_module), dyisru, "kappa")
+    return candidates
+
+
+def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        for dtype in dtypes:
+            x = torch.randn(shape, dtype=dtype) * 3
+            grad = torch.randn(shape, dtype=dtype)
+            for name, module in op_candidates(shape[-1], compile_ops).items():
+                module = module.to(dtype) if not name.endswith("compiled") else module
+                inputs = x.clone().requires_grad_()
+
+                def forward():
+                    with torch.no_grad():
+                        module(x)
+
+                def forward_backward():
+                    inputs.grad = None
+                    module(inputs).backward(grad)
+
+                rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "op": name,
+                             "forward_ms": 1e3 * median_seconds(forward, repeats),
+                             "forward_backward_ms": 1e3 * median_seconds(forward_backward, repeats)})
+                print(f"  op {rows[-1]}", flush=True)
+    for row in rows:  # ratios against HF's eager RMSNorm on the same shape and dtype
+        base = next(r for r in rows if r["shape"] == row["shape"] and r["dtype"] == row["dtype"]
+                    and r["op"] == "rmsnorm_eager")
+        row["forward_ratio"] = row["forward_ms"] / base["forward_ms"]
+        row["forward_backward_ratio"] = row["forward_backward_ms"] / base["forward_backward_ms"]
+    return rows
+
+
+def bench_model(repeats: int) -> list[dict]:
+    original = hf_dynorm.load_model("smollm2-135m")
+    models = {"original": original,
+              "dyisru (fused)": hf_dynorm.convert(copy.deepcopy(original), "dyisru"),
+              "dyisru anchored k=4": hf_dynorm.convert(copy.deepcopy(original), "dyisru",
+                                                       anchors=[14, 100, 247, 507]),
+              "dyt (fused)": hf_dynorm.convert(copy.deepcopy(original), "dyt")}
+    ids = torch.randint(0, 49152, (2, 256), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name, model in models.items():
+        model.eval()
+
+        def forward():
+            with torch.no_grad():
+                model(input_ids=ids)
+
+        def train_step():
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+
+        forward_s, train_s = median_seconds(forward, repeats, 1), median_seconds(train_step, max(2, repeats // 2), 1)
+        rows.append({"model": name, "forward_tokens_per_s": ids.numel() / forward_s,
+                     "train_step_tokens_per_s": ids.numel() / train_s})
+        print(f"  model {rows[-1]}", flush=True)
+    for row in rows:
+        row["forward_ratio"] = row["forward_tokens_per_s"] / rows[0]["forward_tokens_per_s"]
+        row["train_step_ratio"] = row["train_step_tokens_per_s"] / rows[0]["train_step_tokens_per_s"]
+    return rows
+
+
+def bench_pipeline(windows: int) -> dict:
+    from hf_dynorm.calibration import calibrate
+    from hf_dynorm.data import full_windows, token_stream
+    from hf_dynorm.evaluation import perplexity
+    from hf_dynorm.fidelity import outlier_fidelity
+
+    model, tokenizer = hf_dynorm.load_model("smollm2-135m"), hf_dynorm.load_tokenizer("smollm2-135m")
+    train = token_stream("wiki-sample", tokenizer, "train")
+    test = token_stream("wiki-sample", tokenizer, "test")[: windows * 512]
+    batches = full_windows(test, 512)
+
+    def plain_loop():
+        with torch.no_grad():
+            for first in range(0, len(batches), 4):
+                model(input_ids=batches[first:first + 4])
+
+    plain = median_seconds(plain_loop, 1, 0)
+    evaluation = perplexity(model, test, progress=False).seconds
+    started = time.perf_counter()
+    calibration = calibrate(model, train, window=512, max_windows=windows, progress=False)
+    calibration_s = time.perf_counter() - started
+    started = time.perf_counter()
+    outlier_fidelity(model, test, calibration=calibration, max_windows=windows, progress=False)
+    fidelity_s = time.perf_counter() - started
+    tokens = batches.numel()
+    return {"tokens": tokens, "plain_forward_tokens_per_s": tokens / plain,
+            "perplexity_tokens_per_s": tokens / evaluation, "perplexity_vs_plain_ratio": evaluation / plain,
+            "calibration_tokens_per_s": calibration.tokens / calibration_s,
+            "calibration_seconds_per_64k_tokens": calibration_s * 65536 / calibration.tokens,
+            "fidelity_vs_plain_ratio": fidelity_s / plain}
+
+
+def bench_distill(steps: int) -> list[dict]:
+    """One subprocess per mode (fresh peak memory); 'no teacher' runs the student alone (cross-entropy)."""
+    rows = []
+    base = ["--seq_len", "256", "--batch_size", "2", "--max_steps", str(steps), "--eval_every", "1000",
+            "--save_every", "1000", "--eval_windows", "1", "--calibration_windows", "4", "--report_to", "none",
+            "--progress", "false"]
+    cases = [("norms", []), ("norms, no teacher", ["--kl_weight", "0", "--ce_weight", "1"]),
+             ("lora", []), ("full", [])]
+    for label, extra in cases:
+        mode = label.split(",")[0]
+        with tempfile.TemporaryDirectory() as out:
+            script = ("import json, resource, sys\nfrom hf_dynorm.distill import parse_config, train\n"
+                      "r = train(parse_config(sys.argv[1:]))\n"
+                      "print('RESULT', json.dumps({'tokens_per_second': r['tokens_per_second'], "
+                      "'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))")
+            run = subprocess.run([sys.executable, "-c", script, "--mode", mode, "--output_dir", out, *base, *extra],
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(run.stderr[-2000:])
+            result = json.loads(run.stdout.rpartition("RESULT ")[2].splitlines()[0])
+        rows.append({"mode": label, **result})
+        print(f"  distill {rows[-1]}", flush=True)
+    return rows
+
+
+def report(results: dict) -> str:
+    lines = [f"# hf_dynorm benchmarks\n\nMachine: {results['machine']}; torch {results['torch']}, "
+             f"{results['threads']} threads. Times are medians; ratios are against HF's eager RMSNorm (ops) or the "
+             "original model, measured side by side in the same process.\n"]
+    if results.get("ops"):
+        lines.append("## Ops (ratio to HF eager RMSNorm; below 1 is faster)\n")
+        ops = sorted({r["op"] for r in results["ops"]}, key=[r["op"] for r in results["ops"]].index)
+        header = ["shape", "dtype", "pass", *ops]
+        rows = []
+        for shape in {tuple(r["shape"]) for r in results["ops"]}:
+            for dtype in ("float32", "bfloat16"):
+                subset = {r["op"]: r for r in results["ops"] if tuple(r["shape"]) == shape and r["dtype"] == dtype}
+                if subset:
+                    for kind in ("forward", "forward_backward"):
+                        rows.append([str(shape), dtype, kind.replace("_", "+"),
+                                     *(f"{subset[o][kind + '_ratio']:.2f}" if o in subset else "" for o in ops)])
+        base = {(tuple(r["shape"]), r["dtype"]): r for r in results["ops"] if r["op"] == "rmsnorm_eager"}
+        lines.append(markdown_table(header, sorted(rows)))
+        lines.append("\nHF eager RMSNorm itself (ms, forward / forward+backward): " + ", ".join(
+            f"{shape} {dtype}: {r['forward_ms']:.2f} / {r['forward_backward_ms']:.2f}"
+            for (shape, dtype), r in sorted(base.items())) + "\n")
+    if results.get("model"):
+        lines.append("## SmolLM2-135M (2 x 256 tokens)\n")
+        lines.append(markdown_table(["model", "forward tokens/s", "ratio", "train step tokens/s", "ratio"],
+                                    [[r["model"], r["forward_tokens_per_s"], r["forward_ratio"],
+                                      r["train_step_tokens_per_s"], r["train_step_ratio"]]
+                                     for r in results["model"]]))
+    if results.get("pipeline"):
+        p = results["pipeline"]
+        lines.append("\n## Pipeline (SmolLM2-135M, wiki-sample)\n")
+        lines.append(markdown_table(["measure", "value"], [[k, v] for k, v in p.items()]))
+    if results.get("distill"):
+        lines.append("\n## Distillation step (SmolLM2-135M, 2 x 256 tokens)\n")
+        lines.append(markdown_table(["mode", "tokens/s", "peak RSS (GB)"],
+                                    [[r["mode"], r["tokens_per_second"], r["peak_rss_gb"]]
+                                     for r in results["distill"]]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: ops,model,pipeline,distill")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    repeats = 3 if args.quick else 7
+    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or ''}"
+               .strip(", "), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    started = time.perf_counter()
+    if "ops" not in skip:
+        results["ops"] = bench_ops(SHAPES[:1] if args.quick else SHAPES, (torch.float32, torch.bfloat16), repeats,
+                                   not args.no_compile)
+    if "model" not in skip:
+        results["model"] = bench_model(repeats)
+    if "pipeline" not in skip:
+        results["pipeline"] = bench_pipeline(4 if args.quick else 16)
+    if "distill" not in skip:
+        results["distill"] = bench_distill(2 if args.quick else 3)
+    results["seconds"] = time.perf_counter() - started
+    results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(report(results))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
