@@ -7,10 +7,10 @@
 
 __version__ = "0.1.0"
 
-from .modeling_dynorm import DyISRU, DyT, dyisru, dyt  # noqa: E402
 from .architectures import ARCHITECTURES, ROLES, NormSite, find_norm_sites  # noqa: E402
+from .assets import load_model, load_texts, load_tokenizer  # noqa: E402
 from .conversion import ConversionError, convert, is_converted, register_all  # noqa: E402
-from .assets import load_model, load_tokenizer, load_texts  # noqa: E402
+from .modeling_dynorm import DyISRU, DyT, dyisru, dyt  # noqa: E402
 
 register_all()
 

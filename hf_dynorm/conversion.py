@@ -19,10 +19,16 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import __version__
-from .fileio import atomic_directory
 from .architectures import ARCHITECTURES, ROLES, NormSite, find_norm_sites
+from .fileio import atomic_directory
 from .modeling_dynorm import (
-    NORM_KINDS, DyISRU, DyT, dynorm_config_class, dynorm_model_class, install_norms, register_auto_class,
+    NORM_KINDS,
+    DyISRU,
+    DyT,
+    dynorm_config_class,
+    dynorm_model_class,
+    install_norms,
+    register_auto_class,
 )
 
 # The task heads a converted checkpoint can be reloaded into with an Auto class.
@@ -120,9 +126,10 @@ def convert(
     """Replace the model's norms by `norm` ("dyisru" or "dyt") in place and return the model.
 
     gamma comes from each norm's own weight (w * sqrt(C), (1 + w) * sqrt(C) for Gemma) and LayerNorm's bias is kept.
-    kappa/alpha: from `calibration` (text, see `hf_dynorm.calibrate`) when given, else `kappa`/`alpha`, else the
-    unit-rms default of `default_parameter`; a dict gives a value per role ({"attn_input": 0.8, ...}). `anchors`: channel indices coupled at every site of that width
-    (anchored DyISRU); with calibration, ``anchors=k`` picks the k largest channels per site instead.
+    kappa/alpha: from `calibration` (text, token ids or a `Calibration`; see `calibration.calibrate`, whose options
+    pass through) when given, else `kappa`/`alpha` (a dict gives one value per role), else the unit-rms default of
+    `default_parameter`. `anchors`: channel indices coupled at every site wide enough (anchored DyISRU); with
+    calibration, ``anchors=k`` picks the k largest channels per site instead.
     """
     if is_converted(model):
         raise ConversionError("this model is already converted (its config has a `dynorm` record); convert the "

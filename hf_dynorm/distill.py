@@ -122,7 +122,7 @@ def _check_model_known(name: str) -> None:
 
 
 def _check_data(source: str) -> None:
-    from .assets import EMBEDDED_TEXT, _packaged_file, _WIKI
+    from .assets import _WIKI, EMBEDDED_TEXT, _packaged_file
 
     if source == EMBEDDED_TEXT:
         _packaged_file(*_WIKI)

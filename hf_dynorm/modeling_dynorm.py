@@ -77,56 +77,59 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (grad.sum().reshape(1) if like.numel() == 1 else grad).to(like.dtype)
 
 
+def _finish_forward(ctx, x, parameter, weight, bias, response):
+    """weight * response + bias in place, cast back; only the inputs are saved (backward recomputes)."""
+    dtype = response.dtype
+    y = response.mul_(weight.to(dtype))
+    if bias is not None:
+        y.add_(bias.to(dtype))
+    ctx.save_for_backward(x, parameter, weight)
+    ctx.has_bias = bias is not None
+    return y.to(x.dtype)
+
+
+def _start_backward(ctx, grad):
+    x, parameter, weight = ctx.saved_tensors
+    dtype = compute_dtype(x)
+    return x, parameter, weight, x.to(dtype), grad.to(dtype)
+
+
 class FusedDyISRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kappa, weight, bias):
-        dtype = compute_dtype(x)
-        xf = x.to(dtype)
-        y = torch.addcmul(kappa.to(dtype), xf, xf).rsqrt_().mul_(xf).mul_(weight.to(dtype))
-        if bias is not None:
-            y.add_(bias.to(dtype))
-        ctx.save_for_backward(x, kappa, weight)
-        ctx.has_bias = bias is not None
-        return y.to(x.dtype)
+        xf = x.to(compute_dtype(x))
+        response = torch.addcmul(kappa.to(xf.dtype), xf, xf).rsqrt_().mul_(xf)  # x / sqrt(kappa + x^2)
+        return _finish_forward(ctx, x, kappa, weight, bias, response)
 
     @staticmethod
     def backward(ctx, grad):
-        x, kappa, weight = ctx.saved_tensors
-        dtype = compute_dtype(x)
-        xf, g = x.to(dtype), grad.to(dtype)
-        r = torch.addcmul(kappa.to(dtype), xf, xf).rsqrt_()  # 1 / sqrt(kappa + x^2)
-        gw = g * weight.to(dtype)
+        x, kappa, weight, xf, g = _start_backward(ctx, grad)
+        k = kappa.to(xf.dtype)
+        r = torch.addcmul(k, xf, xf).rsqrt_()  # 1 / sqrt(kappa + x^2)
+        gw = g * weight.to(xf.dtype)
         r3 = r.pow(3)
-        grad_x = (gw * r3).mul_(kappa.to(dtype)).to(x.dtype)  # d/dx x r = kappa r^3
+        grad_x = (gw * r3).mul_(k).to(x.dtype)  # d/dx x r = kappa r^3
         grad_kappa = _reduce_to(gw.mul_(xf).mul_(r3).mul_(-0.5), kappa)
         grad_weight = _reduce_to(r.mul_(xf).mul_(g), weight)
-        grad_bias = _reduce_to(g, weight) if ctx.has_bias else None
-        return grad_x, grad_kappa, grad_weight, grad_bias
+        return grad_x, grad_kappa, grad_weight, _reduce_to(g, weight) if ctx.has_bias else None
 
 
 class FusedDyT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias):
         dtype = compute_dtype(x)
-        y = (x.to(dtype) * alpha.to(dtype)).tanh_().mul_(weight.to(dtype))
-        if bias is not None:
-            y.add_(bias.to(dtype))
-        ctx.save_for_backward(x, alpha, weight)
-        ctx.has_bias = bias is not None
-        return y.to(x.dtype)
+        return _finish_forward(ctx, x, alpha, weight, bias, (x.to(dtype) * alpha.to(dtype)).tanh_())
 
     @staticmethod
     def backward(ctx, grad):
-        x, alpha, weight = ctx.saved_tensors
-        dtype = compute_dtype(x)
-        xf, g = x.to(dtype), grad.to(dtype)
-        t = (xf * alpha.to(dtype)).tanh_()
+        x, alpha, weight, xf, g = _start_backward(ctx, grad)
+        a = alpha.to(xf.dtype)
+        t = (xf * a).tanh_()
         grad_weight = _reduce_to(g * t, weight)
-        slope = t.square_().neg_().add_(1.0).mul_(g).mul_(weight.to(dtype))  # g w (1 - tanh^2)
+        slope = t.square_().neg_().add_(1.0).mul_(g).mul_(weight.to(xf.dtype))  # g w (1 - tanh^2)
         grad_alpha = _reduce_to(slope * xf, alpha)
-        grad_x = slope.mul_(alpha.to(dtype)).to(x.dtype)
-        grad_bias = _reduce_to(g, weight) if ctx.has_bias else None
-        return grad_x, grad_alpha, grad_weight, grad_bias
+        grad_x = slope.mul_(a).to(x.dtype)
+        return grad_x, grad_alpha, grad_weight, _reduce_to(g, weight) if ctx.has_bias else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,7 +285,8 @@ def install_recorded_norms(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 CODE_FILE = "modeling_dynorm.py"
-_BINDINGS_MARKER = "# ---- bindings written " + "by hf_dynorm for one architecture ----"  # split: the source must not hold it
+# written in two pieces: this file's own source must not contain the marker it is cut at
+_BINDINGS_MARKER = "# ---- bindings written " + "by hf_dynorm for one architecture ----"
 _CLASSES: dict[type, type] = {}
 
 

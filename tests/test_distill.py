@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 
 import hf_dynorm
 from hf_dynorm.distill import (
-    DistillConfig, DistillationSite, apply_schedule, parse_config, set_teacher, site_starts, unwrap_sites, wrap_sites,
+    DistillationSite,
+    DistillConfig,
+    apply_schedule,
+    parse_config,
+    set_teacher,
+    site_starts,
+    unwrap_sites,
+    wrap_sites,
 )
 from hf_dynorm.modeling_dynorm import DyISRU
 from tiny import save_tiny_checkpoint, tiny_inputs, tiny_model
@@ -181,9 +188,9 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkp
     (["--data", "/nonexistent/corpus.txt"], "does not exist"),
 ])
 def test_bad_config_fails_before_loading_a_model(checkpoint, tmp_path, override, message):
-    started = time.time()
     run = run_distill(distill_args(checkpoint, tmp_path, *override))
     assert run.returncode == 2 and message in run.stderr
+    assert "hf_dynorm distill:" not in run.stdout  # stopped before the accelerator and the model
     assert not tmp_path.joinpath("checkpoints").exists()
 
 

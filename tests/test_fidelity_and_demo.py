@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import hf_dynorm
-from hf_dynorm.architectures import RMS, NormSite
 from hf_dynorm.calibration import calibrate
 from hf_dynorm.fidelity import SiteFidelity, outlier_fidelity, plot_fidelity
 from hf_dynorm.modeling_dynorm import dyisru, dyt

@@ -11,7 +11,7 @@ import yaml
 import hf_dynorm
 from hf_dynorm.conversion import save_converted
 from hf_dynorm.hub import PublishError, model_fingerprint, push_to_hub, render_card
-from tiny import tiny_inputs, tiny_model, tiny_tokenizer
+from tiny import reload_without_hf_dynorm, tiny_inputs, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
@@ -54,16 +54,8 @@ def test_dry_run_stage_reloads_without_hf_dynorm_and_the_card_holds_the_given_nu
 
     inputs = tiny_inputs()
     with torch.no_grad():
-        torch.save(model(inputs).logits, tmp_path / "expected.pt")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    script = ("import sys, torch; sys.modules['hf_dynorm'] = None\n"
-              "from transformers import AutoModelForCausalLM\n"
-              f"m = AutoModelForCausalLM.from_pretrained({str(stage)!r}, trust_remote_code=True)\n"
-              f"print('SAME', torch.equal(m(torch.load({str(tmp_path / 'inputs.pt')!r})).logits, "
-              f"torch.load({str(tmp_path / 'expected.pt')!r})))\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         stdin=subprocess.DEVNULL)
-    assert "SAME True" in run.stdout, run.stderr[-2000:]
+        identical, errors = reload_without_hf_dynorm(stage, inputs, model(inputs).logits)
+    assert identical, errors
 
 
 def test_card_without_evaluation_claims_no_numbers(converted):

@@ -1,8 +1,6 @@
 """The embedded SmolLM2-135M: converts, calibrates, saves and reloads bit-identically (CI runs it)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ import hf_dynorm
 from hf_dynorm.conversion import save_converted
 from hf_dynorm.data import token_stream
 from hf_dynorm.evaluation import perplexity
+from tiny import reload_without_hf_dynorm
 
 pytestmark = pytest.mark.real_model
 
@@ -36,15 +35,6 @@ def test_smollm2_registry_calibration_and_round_trip(smollm2, tmp_path):
     with torch.no_grad():
         expected = converted(probe).logits
         assert torch.equal(hf_dynorm.load_model(tmp_path / "model")(probe).logits, expected)
-    torch.save(probe, tmp_path / "probe.pt")
-    torch.save(expected, tmp_path / "expected.pt")
-    script = (
-        "import sys, torch; sys.modules['hf_dynorm'] = None\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)\n"
-        f"p = torch.load({str(tmp_path / 'probe.pt')!r})\n"
-        f"print('IDENTICAL', torch.equal(m(p).logits, torch.load({str(tmp_path / 'expected.pt')!r})))\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                         stdin=subprocess.DEVNULL)
-    assert "IDENTICAL True" in run.stdout, run.stderr[-2000:]
+    identical, errors = reload_without_hf_dynorm(tmp_path / "model", probe, expected)
+    assert identical, errors
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dynorm"]["norm"] == "dyisru"

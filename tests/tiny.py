@@ -92,3 +92,24 @@ def save_tiny_checkpoint(folder, model_type: str = "llama", seed: int = 0):
     tiny_tokenizer().save_pretrained(folder / "model")
     (folder / "text.txt").write_text(tiny_text())
     return folder / "model", folder / "text.txt"
+
+
+def reload_without_hf_dynorm(folder, inputs, expected, masked_lm: bool = False) -> tuple[bool, str]:
+    """Load `folder` with trust_remote_code in a subprocess where hf_dynorm cannot be imported; True if its logits
+    on `inputs` equal `expected` bit for bit. Returns (identical, stderr)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as scratch:
+        torch.save(inputs, Path(scratch) / "inputs.pt")
+        torch.save(expected, Path(scratch) / "expected.pt")
+        auto = "AutoModelForMaskedLM" if masked_lm else "AutoModelForCausalLM"
+        script = (f"import sys, torch; sys.modules['hf_dynorm'] = None\nfrom transformers import {auto}\n"
+                  f"m = {auto}.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+                  f"logits = m(torch.load({str(Path(scratch) / 'inputs.pt')!r})).logits\n"
+                  f"print('IDENTICAL', torch.equal(logits, torch.load({str(Path(scratch) / 'expected.pt')!r})))\n")
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                             stdin=subprocess.DEVNULL)
+    return "IDENTICAL True" in run.stdout, run.stderr[-2000:]
