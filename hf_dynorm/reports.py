@@ -70,24 +70,24 @@ def write_eval_report(results: dict, out) -> Path:
     return write_results(out, results, report)
 
 
-def _swap_ratio(model, original_nll: float, ids, **convert_options) -> float:
+def _swap_ratio(model, original_nll: float, ids, window: int, **convert_options) -> float:
     """Perplexity ratio of a converted copy of `model` against the original on the same tokens."""
     candidate = convert(copy.deepcopy(model), **convert_options)
-    nll = perplexity(candidate, ids, progress=False).mean_nll
+    nll = perplexity(candidate, ids, window=window, progress=False).mean_nll
     return math.exp(nll - original_nll) if nll - original_nll < 700 else math.inf
 
 
-def zero_shot_report(model_id, data, out, *, windows: int = 64, eval_windows: int = 4,
+def zero_shot_report(model_id, data, out, *, windows: int = 64, eval_windows: int = 4, window: int = 512,
                      sensitivity: bool = True) -> dict:
     """Every norm kind x estimator x anchor count swapped at all sites without training; then, for pure
     median-calibrated DyISRU, each site alone and sites swapped cumulatively in sensitivity order."""
     from . import load_model, load_tokenizer
 
     model, tokenizer = load_model(model_id), load_tokenizer(model_id)
-    ids = token_stream(data, tokenizer, "test")[: eval_windows * 512]
-    original = perplexity(model, ids, progress=False)
+    ids = token_stream(data, tokenizer, "test")[: eval_windows * window]
+    original = perplexity(model, ids, window=window, progress=False)
     started = time.perf_counter()
-    cal = calibrate(model, data, tokenizer=tokenizer, split="train", max_windows=windows)
+    cal = calibrate(model, data, tokenizer=tokenizer, split="train", window=window, max_windows=windows)
     calibration_seconds = time.perf_counter() - started
 
     configurations = [("dyt", f"paper alpha {DYT_PAPER_ALPHA}", 0, {"alpha": DYT_PAPER_ALPHA}),
@@ -101,7 +101,7 @@ def zero_shot_report(model_id, data, out, *, windows: int = 64, eval_windows: in
                         {"calibration": cal, "anchors": 4, "kappa_from": "bulk"})]
     all_sites = []
     for norm, label, k, options in configurations:
-        ratio = _swap_ratio(model, original.mean_nll, ids, norm=norm, **options)
+        ratio = _swap_ratio(model, original.mean_nll, ids, window, norm=norm, **options)
         all_sites.append({"norm": norm, "estimator": label, "anchors": k, "perplexity_ratio": ratio})
         print(f"  {norm:6} {label:32} anchors={k}: perplexity ratio {ratio:.4g}", flush=True)
 
@@ -114,7 +114,7 @@ def zero_shot_report(model_id, data, out, *, windows: int = 64, eval_windows: in
     report += markdown_table(["norm", "estimator", "anchors", "perplexity ratio"],
                              [[r["norm"], r["estimator"], r["anchors"], r["perplexity_ratio"]] for r in all_sites])
     if sensitivity:
-        ranking = [(name, _swap_ratio(model, original.mean_nll, ids, norm="dyisru", calibration=cal,
+        ranking = [(name, _swap_ratio(model, original.mean_nll, ids, window, norm="dyisru", calibration=cal,
                                       sites=[f"^{name}$"]))
                    for name in cal.sites]
         ranking.sort(key=lambda item: item[1])
@@ -122,7 +122,7 @@ def zero_shot_report(model_id, data, out, *, windows: int = 64, eval_windows: in
         for count in sorted({*(2 ** i for i in range(len(ranking).bit_length())), len(ranking)}):
             names = [f"^{name}$" for name, _ in ranking[:count]]
             cumulative.append({"sites": count, "perplexity_ratio": _swap_ratio(
-                model, original.mean_nll, ids, norm="dyisru", calibration=cal, sites=names)})
+                model, original.mean_nll, ids, window, norm="dyisru", calibration=cal, sites=names)})
         results["sensitivity"] = [{"site": name, "perplexity_ratio": ratio} for name, ratio in ranking]
         results["cumulative"] = cumulative
         report += "\n## Pure DyISRU (median), one site at a time (least sensitive first)\n\n" + markdown_table(
