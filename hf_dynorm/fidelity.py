@@ -179,7 +179,8 @@ def plot_fidelity(results: dict, out) -> list[str]:
     limits = axis.get_xlim()
     axis.plot(limits, limits, color="grey", lw=0.7)
     axis.set(xlabel="norm output", ylabel="replacement output", title=f"Outlier elements at {site}")
-    axis.legend(fontsize=8)
+    if axis.collections:
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "fidelity_response.png", dpi=120)
     plt.close(figure)
