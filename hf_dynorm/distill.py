@@ -303,7 +303,7 @@ def train(config: DistillConfig) -> dict | None:
 
     teacher_nll = held_out(student).mean_nll
     calibration = calibrate(student, train_ids, window=config.seq_len, max_windows=config.calibration_windows,
-                            progress=False)
+                            progress=False, label=f"{config.data} ({config.train_split})")
     anchors = (config.anchors or None) if config.norm == "dyisru" else None
     originals = {site.name: student.get_submodule(site.name) for site in find_norm_sites(student)}
     convert(student, config.norm, calibration=calibration, estimator=config.estimator, anchors=anchors)
@@ -366,6 +366,7 @@ def train(config: DistillConfig) -> dict | None:
     history = []
     bar = tqdm(total=config.max_steps, initial=step, desc="distill", disable=not (
         config.progress and accelerator.is_main_process))
+    _reset_peak_memory()
     started = time.perf_counter()
     while step < config.max_steps:
         apply_schedule(sites, starts, step, config)
@@ -422,6 +423,7 @@ def train(config: DistillConfig) -> dict | None:
             _save_checkpoint(accelerator, checkpoints / f"step-{step:06d}", step, skipped)
     bar.close()
     seconds = time.perf_counter() - started
+    train_peak_gb = _peak_memory_gb()
 
     # -- finish: unwrap, merge, save, evaluate --------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -448,7 +450,8 @@ def train(config: DistillConfig) -> dict | None:
                   "teacher_perplexity": math.exp(teacher_nll), "student": final_nll.to_dict(),
                   "anchored": anchored, "tokens": step * per_step * config.seq_len, "train_seconds": seconds,
                   "tokens_per_second": (step * per_step * config.seq_len) / max(seconds, 1e-9),
-                  "skipped_steps": skipped, "history": history, "config": asdict(config)}
+                  "skipped_steps": skipped, "train_peak_rss_gb": train_peak_gb, "history": history,
+                  "config": asdict(config)}
         save_converted(final, output / "final", tokenizer, overwrite=True)
         result["model_fingerprint"] = model_fingerprint(output / "final")
         (output / "final" / "results.json").write_text(json.dumps(result, indent=2, default=str))
@@ -456,6 +459,25 @@ def train(config: DistillConfig) -> dict | None:
         say(f"final: perplexity ratio {result['final_perplexity_ratio']:.4g} "
             f"({'anchored' if anchored else 'pure element-wise'}), saved to {output / 'final'}")
     return result if result is not None else {}  # {} on the other processes: they succeeded too
+
+
+def _reset_peak_memory() -> None:
+    """Linux: reset the process's peak RSS so that the loop's own peak can be read afterwards."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_gb() -> float | None:
+    """Peak RSS since `_reset_peak_memory` (Linux VmHWM), in GB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return None
 
 
 def _save_checkpoint(accelerator, path: Path, step: int, skipped: int) -> None:

@@ -64,7 +64,10 @@ def score_tokens(model, ids: torch.Tensor, window: int = 512, stride: int | None
         for group in _same_length(batch):
             inputs = torch.stack([ids[w.start:w.end] for w in group]).to(device)
             logits = model(input_ids=inputs).logits.float()
-            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), inputs[:, 1:], reduction="none").cpu()
+            # targets shifted left, the last position ignored: no copy of the (batch, length, vocab) logits
+            targets = F.pad(inputs[:, 1:], (0, 1), value=-100)
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            losses = losses.view(len(group), -1)[:, :-1].cpu()
             nll.extend(loss[w.scored_from - w.start - 1:] for loss, w in zip(losses, group))
         bar.update(len(batch))
     bar.close()

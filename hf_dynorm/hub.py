@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
+from .assets import EMBEDDED_HUB_IDS
 from .modeling_dynorm import CODE_FILE
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -92,6 +93,8 @@ def render_card(folder, results: dict | None = None, *, repo_id: str | None = No
     config = _record(folder)
     record = config["dynorm"]
     base_model = record.get("base_model") or "unknown"
+    base_model = EMBEDDED_HUB_IDS.get(base_model, base_model)
+    model_name = repo_id or f"{base_model.rsplit('/', 1)[-1]}-{record['norm']}"
     evaluation = _evaluation(results)
     eval_results = None
     if evaluation:
@@ -112,12 +115,12 @@ def render_card(folder, results: dict | None = None, *, repo_id: str | None = No
         pipeline_tag="fill-mask" if "MaskedLM" in str(config.get("architectures")) else "text-generation",
         license=license or KNOWN_LICENSES.get(base_model, "other"),
         tags=["hf-dynorm", record["norm"], "normalization-free"], datasets=sorted(data_sources) or None,
-        model_name=repo_id or folder.name, eval_results=eval_results)
+        model_name=model_name, eval_results=eval_results)
     sites = record["sites"]
     roles = sorted({spec["role"] for spec in sites.values()})
     template = importlib.resources.files("hf_dynorm.model_cards").joinpath("template.md")
     return ModelCard.from_template(
-        card_data, template_str=template.read_text(encoding="utf-8"), model_name=repo_id or folder.name,
+        card_data, template_str=template.read_text(encoding="utf-8"), model_name=model_name,
         repo_id=repo_id or str(folder), base_model=base_model, version=record.get("hf_dynorm_version", __version__),
         norm=record["norm"], norm_title=NORM_TITLES[record["norm"]], norm_summary=NORM_SUMMARIES[record["norm"]],
         site_count=len(sites), roles=", ".join(roles), gamma_origin=record["parameters"]["gamma"],
