@@ -34,38 +34,43 @@ class SiteFidelity:
     def update(self, x: torch.Tensor, reference: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
         x, reference = x.reshape(-1, x.shape[-1]).float(), reference.reshape(-1, x.shape[-1]).float()
         token_rms = x.pow(2).mean(-1, keepdim=True).sqrt()
-        masks = {
-            "all": torch.ones_like(x, dtype=torch.bool),
+        selections = {  # None: every element; a 1-D mask picks whole tokens
+            "all": None,
             "outlier_elements": x.abs() > self.element_k * token_rms,
-            "outlier_tokens": (token_rms > self.token_m * token_rms.median()).expand_as(x),
+            "outlier_tokens": token_rms.squeeze(-1) > self.token_m * token_rms.median(),
             "saturated": reference.abs() > 0.5 * reference.abs().amax(-1, keepdim=True),
         }
+        for kind, selection in selections.items():  # the reference's energy once, not once per candidate
+            self.sums["reference", kind] += _selected_sum(reference.square(), selection)
         top_reference = reference.abs().topk(min(self.topk, x.shape[-1]), -1).indices
         for label, output in candidates.items():
             output = output.reshape(-1, x.shape[-1]).float()
-            error = (output - reference).pow(2)
-            for kind, mask in masks.items():
-                self.sums[label, kind, "error"] += float(error[mask].sum())
-                self.sums[label, kind, "reference"] += float(reference.pow(2)[mask].sum())
-            self.sums[label, "sign"] += float((torch.sign(output) == torch.sign(reference)).float().sum())
+            error = (output - reference).square_()
+            for kind, selection in selections.items():
+                self.sums[label, kind, "error"] += _selected_sum(error, selection)
+            self.sums[label, "sign"] += float((torch.signbit(output) == torch.signbit(reference)).sum())
             top = output.abs().topk(top_reference.shape[-1], -1).indices
             overlap = (top.unsqueeze(-1) == top_reference.unsqueeze(-2)).any(-1).float().mean(-1)
             self.sums[label, "topk"] += float(overlap.sum())
             room = self.keep_points - len(self.points[label])
             if room > 0:
-                mask = masks["outlier_elements"]
+                mask = selections["outlier_elements"]
                 self.points[label] += list(zip(reference[mask][:room].tolist(), output[mask][:room].tolist()))
         self.sums["elements"] += x.numel()
         self.sums["tokens"] += x.shape[0]
 
     def metrics(self, label: str) -> dict:
         def relative(kind):
-            reference = self.sums[label, kind, "reference"]
+            reference = self.sums["reference", kind]
             return (self.sums[label, kind, "error"] / reference) ** 0.5 if reference > 0 else None
 
         return {**{f"relative_l2_{kind}": relative(kind) for kind in ERROR_KINDS},
                 "sign_agreement": self.sums[label, "sign"] / self.sums["elements"],
                 f"top{self.topk}_agreement": self.sums[label, "topk"] / self.sums["tokens"]}
+
+
+def _selected_sum(values: torch.Tensor, selection: torch.Tensor | None) -> float:
+    return float(values.sum() if selection is None else values[selection].sum())
 
 
 def what_if_candidates(model, calibration) -> dict[str, dict[str, nn.Module]]:
