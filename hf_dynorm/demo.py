@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -58,5 +57,4 @@ def run_demo(out, overrides: list[str] = ()) -> dict:
     write_results(out, summary, report)
     print(report)
     print(f"[main job] done: results in {out.resolve()} (report.md, results.json; model in {final})")
-    (out / "summary.json").write_text(json.dumps({"report": str(out / "report.md")}))
     return summary
