@@ -112,6 +112,15 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 
+def check_text_source(source: str) -> None:
+    """Fail early, before any model loads, on an embedded text whose package is missing or a local file that is not
+    there; Hub datasets are left to `datasets`."""
+    if source == EMBEDDED_TEXT:
+        _packaged_file(*_WIKI)
+    elif Path(source).suffix in (".txt", ".jsonl", ".json", ".csv", ".parquet") and not Path(source).exists():
+        raise FileNotFoundError(f"data file {source} does not exist")
+
+
 def _wiki_articles() -> list[str]:
     """The Wikipedia sample as plain-text articles, in dump order (cached as JSON after the first parse)."""
     cached = cache_dir() / "wiki-sample.json"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import ARCHITECTURES, find_norm_sites
+from .assets import check_text_source
 from .modeling_dynorm import DyISRU
 
 MODES = ("norms", "lora", "full")
@@ -104,7 +105,7 @@ class DistillConfig:
         _check_model_known(self.model)
         if self.teacher:
             _check_model_known(self.teacher)
-        _check_data(self.data)
+        check_text_source(self.data)
 
 
 def _check_model_known(name: str) -> None:
@@ -119,15 +120,6 @@ def _check_model_known(name: str) -> None:
     if config.get("model_type") not in ARCHITECTURES:
         raise ValueError(f"model_type {config.get('model_type')!r} of {name} is not in hf_dynorm's registry "
                          f"({', '.join(ARCHITECTURES)}); distillation recipes need a registered architecture.")
-
-
-def _check_data(source: str) -> None:
-    from .assets import _WIKI, EMBEDDED_TEXT, _packaged_file
-
-    if source == EMBEDDED_TEXT:
-        _packaged_file(*_WIKI)
-    elif Path(source).suffix in (".txt", ".jsonl", ".json", ".csv", ".parquet") and not Path(source).exists():
-        raise FileNotFoundError(f"data file {source} does not exist")
 
 
 def parse_config(argv: list[str]) -> DistillConfig:

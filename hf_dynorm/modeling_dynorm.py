@@ -252,11 +252,10 @@ def norm_from_spec(spec: dict) -> nn.Module:
     return NORM_KINDS[spec["kind"]](spec["channels"], **options)
 
 
-def resolve_site(model: nn.Module, name: str) -> str | None:
-    """The name under which a recorded site lives in `model`: the record may come from a model with or without a
-    task head (``model.layers.0...`` in a ForCausalLM, ``layers.0...`` in the bare model). None if absent."""
-    prefix = getattr(model, "base_model_prefix", "")
-    names = dict(model.named_modules())
+def resolve_site(name: str, prefix: str, names: set[str]) -> str | None:
+    """The name under which a recorded site lives among a model's module `names`: the record may come from a model
+    with or without a task head (``model.layers.0...`` in a ForCausalLM, ``layers.0...`` in the bare model, whose
+    `base_model_prefix` is ``model``). None if absent."""
     for candidate in (name, name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None,
                       f"{prefix}.{name}" if prefix else None):
         if candidate and candidate in names:
@@ -275,7 +274,8 @@ def install_recorded_norms(model: nn.Module) -> None:
     """Rebuild the element-wise norms that the config's `dynorm` record lists (sites missing from a headless model,
     such as an MLM head's norm, are skipped)."""
     sites = model.config.dynorm["sites"]
-    resolved = {resolve_site(model, name): norm_from_spec(spec) for name, spec in sites.items()}
+    prefix, names = getattr(model, "base_model_prefix", ""), {name for name, _ in model.named_modules()}
+    resolved = {resolve_site(name, prefix, names): norm_from_spec(spec) for name, spec in sites.items()}
     resolved.pop(None, None)
     install_norms(model, resolved)
 
