@@ -1,0 +1,154 @@
+"""Triton kernels for DyISRU and DyT on GPUs: one pass forward, one pass backward, fp32 compute, any float I/O.
+
+The modules call these for CUDA tensors when Triton is installed (`modeling_dynorm._gpu_function`); elsewhere they
+run the fused PyTorch Functions. On a CPU the same kernels run under Triton's interpreter (`TRITON_INTERPRET=1`
+set before Triton is imported), which is how the tests check them against the reference.
+
+The input is seen as a (rows, C) matrix and cut into (BLOCK_ROWS, BLOCK_C) tiles, one program each. The backward
+writes each tile's sums over its rows of the parameter gradients to a (row_blocks, C) buffer that one `sum(0)`
+reduces: the per-channel gradients (weight, bias, per-channel kappa/alpha) and the scalar one alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_ROWS = 16
+BLOCK_C = 128
+
+
+@triton.jit
+def _tile(rows, channels, stride, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets and mask of this program's tile."""
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (row[:, None] < rows) & (col[None, :] < channels)
+    return row[:, None] * stride + col[None, :], col, mask
+
+
+@triton.jit
+def _channel_values(P, col, channels, PER_CHANNEL: tl.constexpr):
+    """A parameter's value for each column: its own entry, or the scalar broadcast."""
+    if PER_CHANNEL:
+        return tl.load(P + col, mask=col < channels, other=1.0).to(tl.float32)[None, :]
+    return tl.load(P).to(tl.float32)
+
+
+@triton.jit
+def _tanh(z):
+    # (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: saturates to +-1 and never overflows
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z >= 0, t, -t)
+
+
+@triton.jit
+def _forward_kernel(X, Y, P, W, B, rows, channels, stride, IS_DYT: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, col, mask = _tile(rows, channels, stride, BLOCK_ROWS, BLOCK_C)
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    p = _channel_values(P, col, channels, PER_CHANNEL)
+    w = tl.load(W + col, mask=col < channels, other=0.0).to(tl.float32)[None, :]
+    if IS_DYT:
+        response = _tanh(p * x)  # p = alpha
+    else:
+        response = x / tl.sqrt(p + x * x)  # p = kappa
+    y = w * response
+    if HAS_BIAS:
+        y += tl.load(B + col, mask=col < channels, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(X, G, DX, P, W, DP, DW, DB, rows, channels, stride, IS_DYT: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    offsets, col, mask = _tile(rows, channels, stride, BLOCK_ROWS, BLOCK_C)
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
+    p = _channel_values(P, col, channels, PER_CHANNEL)
+    w = tl.load(W + col, mask=col < channels, other=0.0).to(tl.float32)[None, :]
+    gw = g * w
+    if IS_DYT:
+        t = _tanh(p * x)
+        slope = 1.0 - t * t
+        dx = gw * p * slope
+        dp = gw * x * slope
+        response = t
+    else:
+        r = 1.0 / tl.sqrt(p + x * x)
+        r3 = r * r * r
+        dx = gw * p * r3  # d/dx x / sqrt(kappa + x^2) = kappa r^3
+        dp = -0.5 * gw * x * r3
+        response = x * r
+    tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    partial = tl.program_id(0) * channels + col
+    in_row = col < channels
+    tl.store(DP + partial, tl.sum(dp, 0), mask=in_row)
+    tl.store(DW + partial, tl.sum(g * response, 0), mask=in_row)
+    if HAS_BIAS:
+        tl.store(DB + partial, tl.sum(g, 0), mask=in_row)
+
+
+def _launch_grid(rows: int, channels: int) -> tuple[int, int]:
+    return triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(channels, BLOCK_C)
+
+
+def _forward(ctx, x, parameter, weight, bias, is_dyt: bool):
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    rows, channels = x2.shape
+    y = torch.empty_like(x2)
+    parameter, weight = parameter.contiguous(), weight.contiguous()
+    _forward_kernel[_launch_grid(rows, channels)](
+        x2, y, parameter, weight, bias if bias is not None else weight, rows, channels, x2.stride(0),
+        IS_DYT=is_dyt, PER_CHANNEL=parameter.numel() > 1, HAS_BIAS=bias is not None,
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C)
+    ctx.save_for_backward(x2, parameter, weight)
+    ctx.has_bias, ctx.shape = bias is not None, x.shape
+    return y.view(x.shape)
+
+
+def _backward(ctx, grad, is_dyt: bool):
+    x2, parameter, weight = ctx.saved_tensors
+    g2 = grad.reshape(-1, x2.shape[-1]).contiguous()
+    rows, channels = x2.shape
+    grid = _launch_grid(rows, channels)
+    dx = torch.empty_like(x2)
+    partials = torch.empty(3, grid[0], channels, device=x2.device, dtype=torch.float32)
+    _backward_kernel[grid](
+        x2, g2, dx, parameter, weight, partials[0], partials[1], partials[2], rows, channels, x2.stride(0),
+        IS_DYT=is_dyt, PER_CHANNEL=parameter.numel() > 1, HAS_BIAS=ctx.has_bias,
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C)
+    sums = partials.sum(1)
+    grad_parameter = sums[0] if parameter.numel() > 1 else sums[0].sum().reshape(parameter.shape)
+    grad_bias = sums[2].to(weight.dtype) if ctx.has_bias else None
+    return dx.view(ctx.shape), grad_parameter.to(parameter.dtype), sums[1].to(weight.dtype), grad_bias
+
+
+class TritonDyISRU(torch.autograd.Function):
+    """weight * x / sqrt(kappa + x^2) + bias; same signature as modeling_dynorm.FusedDyISRU."""
+
+    @staticmethod
+    def forward(ctx, x, kappa, weight, bias):
+        return _forward(ctx, x, kappa, weight, bias, is_dyt=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, is_dyt=False)
+
+
+class TritonDyT(torch.autograd.Function):
+    """weight * tanh(alpha * x) + bias; same signature as modeling_dynorm.FusedDyT."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, weight, bias):
+        return _forward(ctx, x, alpha, weight, bias, is_dyt=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, is_dyt=True)
+
+
+FUNCTIONS = {"dyisru": TritonDyISRU, "dyt": TritonDyT}

@@ -1,0 +1,66 @@
+"""The Triton kernels against the reference, on the CPU through Triton's interpreter (on a GPU where there is one)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: set before the import
+pytest.importorskip("triton")
+
+from hf_dynorm.kernels import TritonDyISRU, TritonDyT  # noqa: E402
+from hf_dynorm.modeling_dynorm import _gpu_function, dyisru, dyt  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+C = 200  # not a multiple of the 128-channel tile; 21 rows are not a multiple of the 16-row tile
+CASES = {"dyisru": (TritonDyISRU, dyisru, 900.0), "dyt": (TritonDyT, dyt, 0.02)}
+
+
+def _run(function, x, parameter, weight, bias, grad):
+    inputs = [x, parameter, weight] + ([bias] if bias is not None else [])
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = function(*inputs, *([None] if bias is None else []))
+    return (y, *torch.autograd.grad(y, inputs, grad))
+
+
+@pytest.mark.parametrize("kind", ["dyisru", "dyt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_reference_in_value_and_gradient(kind, dtype, per_channel, with_bias):
+    kernel, reference, value = CASES[kind]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, C, generator=generator) * 30
+    x[0, 0, :3] = torch.tensor([6e4, -6e4, 3e4])  # fp16's range: x*x must not overflow
+    parameter = value * (torch.rand(C if per_channel else 1, generator=generator) + 0.5)
+    weight = torch.rand(C, generator=generator) + 0.5
+    bias = torch.randn(C, generator=generator) if with_bias else None
+    grad = torch.randn(x.shape, generator=generator)
+    x, grad = x.to(DEVICE, dtype), grad.to(DEVICE, dtype)
+    parameter, weight = parameter.to(DEVICE), weight.to(DEVICE)
+    bias = bias.to(DEVICE) if bias is not None else None
+
+    got = _run(kernel.apply, x, parameter, weight, bias, grad)
+    # the truth: the reference formula in fp64 on the same (rounded) inputs
+    truth = _run(reference, x.double(), parameter.double(), weight.double(),
+                 bias.double() if bias is not None else None, grad.double())
+    assert got[0].dtype == dtype and all(torch.isfinite(t).all() for t in got)
+    low = dtype != torch.float32
+    for name, a, b in zip(["y", "x", "parameter", "weight", "bias"], got, truth):
+        scale = b.abs().max().item() + 1e-12
+        # fp32 compute: rounding relative to the largest entry; fp16/bf16 outputs: one rounding of the I/O dtype
+        tolerance = (1e-2 if low and name in ("y", "x") else 1e-5) * scale
+        assert (a.double() - b).abs().max().item() <= tolerance, name
+
+
+def test_modules_pick_the_kernels_for_gpu_tensors_only():
+    from hf_dynorm import DyISRU
+
+    assert _gpu_function("dyisru") is TritonDyISRU and _gpu_function("dyt") is TritonDyT
+    module = DyISRU(8, kappa=10.0)
+    from hf_dynorm.modeling_dynorm import FusedDyISRU
+
+    assert module._fused_function(torch.ones(2, 8), FusedDyISRU) is FusedDyISRU  # CPU: the PyTorch Function
+    module.triton = False
+    assert module._fused_function(torch.ones(2, 8, device=DEVICE), FusedDyISRU) is FusedDyISRU
