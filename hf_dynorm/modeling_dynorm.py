@@ -137,14 +137,35 @@ class FusedDyT(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_GPU_FUNCTIONS: dict[str, type | None] = {}
+
+
+def _gpu_function(kind: str) -> type | None:
+    """hf_dynorm's Triton kernel for `kind` when hf_dynorm and Triton are installed (checked once), else None."""
+    if not _GPU_FUNCTIONS:
+        try:
+            from hf_dynorm.kernels import FUNCTIONS
+        except (ImportError, RuntimeError):
+            FUNCTIONS = {}
+        _GPU_FUNCTIONS.update({"dyisru": None, "dyt": None, **FUNCTIONS})
+    return _GPU_FUNCTIONS[kind]
+
+
 class _ElementwiseNorm(nn.Module):
     """Shared parts of DyT and DyISRU: per-channel weight (gamma) and optional bias.
 
-    ``fused`` (class or instance attribute, default True) selects the fused autograd Functions; False runs the
-    reference functional form (same values to fp32 rounding).
+    ``fused`` (class or instance attribute, default True) selects the fused paths: hf_dynorm's Triton kernels for
+    CUDA tensors when Triton is installed (``triton = False`` opts out), the fused PyTorch autograd Functions
+    everywhere else. False runs the reference functional form (same values to fp32 rounding).
     """
 
     fused = True
+    triton = True
+
+    def _fused_function(self, x: torch.Tensor, fallback: type) -> type:
+        if self.triton and x.is_cuda and x.dtype != torch.float64:
+            return _gpu_function(self.kind) or fallback
+        return fallback
 
     def __init__(self, channels: int, *, bias: bool = False):
         super().__init__()
@@ -180,7 +201,7 @@ class DyT(_ElementwiseNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return FusedDyT.apply(x, self.alpha, self.weight, self.bias)
+            return self._fused_function(x, FusedDyT).apply(x, self.alpha, self.weight, self.bias)
         return dyt(x, self.alpha, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -233,7 +254,7 @@ class DyISRU(_ElementwiseNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.anchors.numel() == 0:  # the anchored form runs the reference path
-            return FusedDyISRU.apply(x, self.kappa, self.weight, self.bias)
+            return self._fused_function(x, FusedDyISRU).apply(x, self.kappa, self.weight, self.bias)
         return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight)
 
     def extra_repr(self) -> str:
