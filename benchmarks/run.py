@@ -34,12 +34,15 @@ SHAPES = ((8, 512, 576), (4, 2048, 2048), (2, 2048, 4096))
 
 
 def median_seconds(function, repeats: int, warmup: int = 2) -> float:
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         function()
     times = []
     for _ in range(repeats):
+        synchronize()
         started = time.perf_counter()
         function()
+        synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -49,16 +52,20 @@ torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 1024
 
 
-def op_candidates(channels: int, compile_ops: bool) -> dict[str, nn.Module]:
-    def reference(module):
+def op_candidates(channels: int, compile_ops: bool, device: str) -> dict[str, nn.Module]:
+    def variant(module, **attributes):
         module = copy.deepcopy(module)
-        module.fused = False
+        for name, value in attributes.items():
+            setattr(module, name, value)
         return module
 
     dyisru_module, dyt_module = DyISRU(channels, kappa=float(channels)), DyT(channels, alpha=channels ** -0.5)
     candidates = {"rmsnorm_eager": LlamaRMSNorm(channels, eps=1e-5), "layernorm": nn.LayerNorm(channels),
-                  "dyt_reference": reference(dyt_module), "dyt_fused": dyt_module,
-                  "dyisru_reference": reference(dyisru_module), "dyisru_fused": dyisru_module}
+                  "dyt_reference": variant(dyt_module, fused=False), "dyt_fused": variant(dyt_module, triton=False),
+                  "dyisru_reference": variant(dyisru_module, fused=False),
+                  "dyisru_fused": variant(dyisru_module, triton=False)}
+    if device == "cuda":  # the default fused path on a GPU: hf_dynorm's Triton kernels
+        candidates.update(dyt_triton=dyt_module, dyisru_triton=dyisru_module)
     if compile_ops:
         class Compiled(nn.Module):
             def __init__(self, module, function, parameter):
@@ -74,14 +81,14 @@ def op_candidates(channels: int, compile_ops: bool) -> dict[str, nn.Module]:
     return candidates
 
 
-def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool) -> list[dict]:
+def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool, device: str) -> list[dict]:
     rows = []
     for shape in shapes:
         for dtype in dtypes:
-            x = torch.randn(shape, dtype=dtype) * 3
-            grad = torch.randn(shape, dtype=dtype)
-            for name, module in op_candidates(shape[-1], compile_ops).items():
-                module = module.to(dtype) if not name.endswith("compiled") else module
+            x = torch.randn(shape, dtype=dtype, device=device) * 3
+            grad = torch.randn(shape, dtype=dtype, device=device)
+            for name, module in op_candidates(shape[-1], compile_ops, device).items():
+                module = (module.to(dtype) if not name.endswith("compiled") else module).to(device)
                 inputs = x.clone().requires_grad_()
 
                 def forward():
@@ -95,6 +102,10 @@ def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool) -> list[dict]:
                 rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "op": name,
                              "forward_ms": 1e3 * median_seconds(forward, repeats),
                              "forward_backward_ms": 1e3 * median_seconds(forward_backward, repeats)})
+                # the least memory traffic possible: x in and y out forward; x, grad in and dx out backward
+                size = x.numel() * x.element_size()
+                rows[-1]["forward_gb_per_s"] = 2 * size / rows[-1]["forward_ms"] / 1e6
+                rows[-1]["forward_backward_gb_per_s"] = 5 * size / rows[-1]["forward_backward_ms"] / 1e6
                 print(f"  op {rows[-1]}", flush=True)
     for row in rows:  # ratios against HF's eager RMSNorm on the same shape and dtype
         base = next(r for r in rows if r["shape"] == row["shape"] and r["dtype"] == row["dtype"]
@@ -223,6 +234,11 @@ def report(results: dict) -> str:
         lines.append("\nHF eager RMSNorm itself (ms, forward / forward+backward): " + ", ".join(
             f"{shape} {dtype}: {r['forward_ms']:.2f} / {r['forward_backward_ms']:.2f}"
             for (shape, dtype), r in sorted(base.items())) + "\n")
+        fused = [r for r in results["ops"] if r["op"].endswith(("_fused", "_triton"))]
+        lines.append("Effective memory bandwidth of the fused paths (GB/s, forward / forward+backward, counting "
+                     "only the unavoidable reads and writes): " + ", ".join(
+                         f"{r['op']} {tuple(r['shape'])} {r['dtype']}: {r['forward_gb_per_s']:.1f} / "
+                         f"{r['forward_backward_gb_per_s']:.1f}" for r in fused) + "\n")
     if results.get("model"):
         lines.append("## SmolLM2-135M (2 x 256 tokens)\n")
         lines.append(markdown_table(["model", "forward tokens/s", "ratio", "train step tokens/s", "ratio"],
@@ -247,15 +263,19 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: ops,model,pipeline,distill")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="op-level device; on cuda the Triton kernels join the comparison")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     repeats = 3 if args.quick else 7
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or ''}"
-               .strip(", "), "torch": torch.__version__, "threads": torch.get_num_threads()}
+               .strip(", "), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device}
+    if args.device == "cuda":
+        results["machine"] += f"; ops on {torch.cuda.get_device_name()}"
     started = time.perf_counter()
     if "ops" not in skip:
         results["ops"] = bench_ops(SHAPES[:1] if args.quick else SHAPES, (torch.float32, torch.bfloat16), repeats,
-                                   not args.no_compile)
+                                   not args.no_compile, args.device)
     if "model" not in skip:
         results["model"] = bench_model(repeats)
     if "pipeline" not in skip:

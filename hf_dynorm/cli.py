@@ -18,6 +18,8 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, help="DyT alpha for every site (instead of calibration)")
     parser.add_argument("--per-channel", action="store_true", help="one kappa/alpha per channel")
     parser.add_argument("--anchors", type=int, help="anchored DyISRU: k anchor channels per site (needs calibration)")
+    parser.add_argument("--bound", type=float, help="pure DyT/DyISRU: saturate at BOUND x token rms instead of "
+                                                    "sqrt(C) (0.5: far better zero-shot; see README)")
     parser.add_argument("--calibration", help=f"calibration text (e.g. {EMBEDDED_TEXT}, a file, a Hub dataset)")
     parser.add_argument("--estimator", default="median", help="median | mean | geomean | fit")
     parser.add_argument("--kappa-from", default="all", choices=("all", "bulk"))
@@ -25,7 +27,8 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _conversion_kwargs(args, tokenizer) -> dict:
-    kwargs = {"sites": args.sites, "kappa": args.kappa, "alpha": args.alpha, "per_channel": args.per_channel}
+    kwargs = {"sites": args.sites, "kappa": args.kappa, "alpha": args.alpha, "per_channel": args.per_channel,
+              "bound": args.bound}
     if args.calibration:
         kwargs.update(calibration=args.calibration, estimator=args.estimator, kappa_from=args.kappa_from,
                       max_windows=args.calibration_windows, anchors=args.anchors, tokenizer=tokenizer)

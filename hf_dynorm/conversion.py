@@ -87,15 +87,29 @@ def default_parameter(kind: str, channels: int) -> float:
     return float(channels) if kind == "dyisru" else 1.0 / math.sqrt(channels)
 
 
+def bounded(kind: str, value: float, channels: int, bound: float | None) -> tuple[float, float]:
+    """(weight scale, kappa or alpha) for an output bound of `bound` * w per channel instead of sqrt(C) * w.
+
+    The slope at 0 (what the function does to an ordinary element) stays the norm's; the function saturates at
+    `bound` times the token rms s instead of sqrt(C) s. One massive token then cannot hand the next layer an input
+    sqrt(C) times the usual size, which is what makes a pure element-wise model run away (README, distillation).
+    """
+    if bound is None:
+        return 1.0, value
+    scale = bound / math.sqrt(channels)
+    return scale, value * scale ** 2 if kind == "dyisru" else value / scale
+
+
 def build_replacement(kind: str, site: NormSite, original: nn.Module, value: float, per_channel: bool,
-           anchors: list[int]) -> nn.Module:
+                      anchors: list[int], bound: float | None = None) -> nn.Module:
     bias = getattr(original, "bias", None)
+    scale, value = bounded(kind, value, site.channels, bound)
     if kind == "dyisru":
         new = DyISRU(site.channels, kappa=value, per_channel=per_channel, bias=bias is not None, anchors=anchors)
     else:
         new = DyT(site.channels, alpha=value, per_channel=per_channel, bias=bias is not None)
     with torch.no_grad():
-        new.weight.copy_(site.gamma(original))
+        new.weight.copy_(site.gamma(original) * scale)
         if bias is not None:
             new.bias.copy_(bias.detach().float())
     reference = next(original.parameters(), None)
@@ -120,6 +134,7 @@ def convert(
     alpha: float | dict[str, float] | None = None,
     per_channel: bool = False,
     anchors: Iterable[int] | None = None,
+    bound: float | None = None,
     calibration=None,
     **calibration_options,
 ) -> nn.Module:
@@ -129,7 +144,9 @@ def convert(
     kappa/alpha: from `calibration` (text, token ids or a `Calibration`; see `calibration.calibrate`, whose options
     pass through) when given, else `kappa`/`alpha` (a dict gives one value per role), else the unit-rms default of
     `default_parameter`. `anchors`: channel indices coupled at every site wide enough (anchored DyISRU); with
-    calibration, ``anchors=k`` picks the k largest channels per site instead.
+    calibration, ``anchors=k`` picks the k largest channels per site instead. `bound`: saturate at `bound` times
+    the token rms (output bound `bound` * w per channel) instead of the paper's sqrt(C), slope at 0 unchanged;
+    ~0.5 makes a pure element-wise SmolLM2 ~1e155 times better zero-shot (see `bounded` and the README).
     """
     if is_converted(model):
         raise ConversionError("this model is already converted (its config has a `dynorm` record); convert the "
@@ -141,6 +158,9 @@ def convert(
         raise ConversionError("give either calibration data or an explicit kappa/alpha, not both.")
     if norm == "dyt" and anchors:
         raise ConversionError("anchors belong to DyISRU; DyT has no anchored form.")
+    if bound is not None and (anchors or bound <= 0):
+        raise ConversionError(f"bound must be a positive number and is for pure DyT/DyISRU (got bound={bound}, "
+                              f"anchors={anchors}): anchored DyISRU keeps the paper's sqrt(C), drop one of the two.")
     chosen = select_sites(find_norm_sites(model), sites)
     if model.config.model_type not in CONFIG_MAPPING:
         raise ConversionError(f"model_type {model.config.model_type!r} is not a transformers architecture (remote "
@@ -165,7 +185,7 @@ def convert(
         origin = "explicit" if explicit is not None else "default: unit rms (kappa = C, alpha = 1/sqrt(C))"
 
     new_modules = {site.name: build_replacement(norm, site, originals[site.name], values[site.name], per_channel,
-                                     site_anchors[site.name]) for site in chosen}
+                                                site_anchors[site.name], bound) for site in chosen}
 
     base_type = model.config.model_type
     register_architecture(base_type)
@@ -180,7 +200,8 @@ def convert(
         "base_model": getattr(model.config, "_name_or_path", "") or None,
         "parameters": {"gamma": "norm weight * sqrt(C)" + (" with (1 + w)" if chosen[0].flavour == "rms_offset"
                                                            else ""),
-                       "kappa" if norm == "dyisru" else "alpha": origin},
+                       "kappa" if norm == "dyisru" else "alpha": origin,
+                       "bound": "sqrt(C) (the paper's)" if bound is None else f"{bound} x token rms"},
         "sites": {site.name: {**new_modules[site.name].spec(), "role": site.role, "flavour": site.flavour,
                               "eps": site.eps, "depth": site.depth} for site in chosen},
         "calibration": summary,

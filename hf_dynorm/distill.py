@@ -46,6 +46,8 @@ class DistillConfig:
     anchors: int = field(default=4, metadata={"help": "anchored DyISRU start: k anchor channels per site"})
     anchor_fade_steps: int = field(default=0, metadata={"help": ">0: fade anchors to 0 over these final steps "
                                                                   "(a pure element-wise model)"})
+    bound: float | None = field(default=None, metadata={"help": "pure DyT/DyISRU: output bound in token rms "
+                                                                  "(conversion.bounded); unset: sqrt(C)"})
     estimator: str = "median"
     calibration_windows: int = 16
     # how to train
@@ -98,6 +100,8 @@ class DistillConfig:
             raise ValueError(f"norm must be 'dyisru' or 'dyt', got {self.norm!r}")
         if self.norm == "dyt" and (self.anchors or self.anchor_fade_steps):
             raise ValueError("anchors belong to DyISRU: set anchors: 0 and anchor_fade_steps: 0 for DyT")
+        if self.bound is not None and (self.anchors or self.bound <= 0):
+            raise ValueError("bound is a positive number for pure DyT/DyISRU: set anchors: 0 with it")
         if self.anchor_fade_steps > self.max_steps:
             raise ValueError("anchor_fade_steps cannot exceed max_steps")
         if self.kl_weight + self.ce_weight + self.hidden_weight + self.local_weight <= 0:
@@ -298,7 +302,8 @@ def train(config: DistillConfig) -> dict | None:
                             progress=False, label=f"{config.data} ({config.train_split})")
     anchors = (config.anchors or None) if config.norm == "dyisru" else None
     originals = {site.name: student.get_submodule(site.name) for site in find_norm_sites(student)}
-    convert(student, config.norm, calibration=calibration, estimator=config.estimator, anchors=anchors)
+    convert(student, config.norm, calibration=calibration, estimator=config.estimator, anchors=anchors,
+            bound=config.bound)
     sensitivity = calibration.local_sensitivity(config.norm, config.estimator, anchors or 0)
     sites = wrap_sites(student, originals)
     for site in sites.values():

@@ -18,6 +18,7 @@ DYT_PAPER_ALPHA = 0.5
 DYT_LLAMA_ALPHA = {"attn_input": 0.8, "mlp_input": 0.2, "final": 0.2, "q_norm": 0.2, "k_norm": 0.2,
                    "embedding": 0.2, "post_attn": 0.2, "post_mlp": 0.2}
 ANCHOR_COUNTS = (0, 1, 2, 4, 8)
+BOUNDS = (2.0, 1.0, 0.5)  # pure DyT/DyISRU saturating at b x token rms (conversion.bounded)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -99,6 +100,8 @@ def zero_shot_report(model_id, data, out, *, windows: int = 64, eval_windows: in
                        for k in ANCHOR_COUNTS for estimator in ESTIMATORS]
     configurations += [("dyisru", "median, kappa from bulk channels", 4,
                         {"calibration": cal, "anchors": 4, "kappa_from": "bulk"})]
+    configurations += [(norm, f"median, bound {bound}", 0, {"calibration": cal, "bound": bound})
+                       for norm in ("dyt", "dyisru") for bound in BOUNDS]
     all_sites = []
     for norm, label, k, options in configurations:
         ratio = _swap_ratio(model, original.mean_nll, ids, window, norm=norm, **options)

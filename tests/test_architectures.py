@@ -55,6 +55,22 @@ def test_convert_replaces_every_site_keeping_the_norm_weights(model_type, norm):
         assert logits.dtype == dtype and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("norm", ["dyisru", "dyt"])
+def test_bound_keeps_the_slope_at_zero_and_caps_the_output(norm):
+    reference, bounded = tiny_model("llama"), tiny_model("llama")
+    hf_dynorm.convert(reference, norm, kappa=40.0, alpha=0.2)
+    hf_dynorm.convert(bounded, norm, kappa=40.0, alpha=0.2, bound=0.5)
+    name = "model.layers.0.input_layernorm"
+    paper, capped = reference.get_submodule(name), bounded.get_submodule(name)
+    channels = paper.weight.numel()
+    torch.testing.assert_close(capped.weight, paper.weight * 0.5 / math.sqrt(channels))
+    small, huge = torch.full((1, channels), 1e-4), torch.full((1, channels), 1e6)
+    with torch.no_grad():
+        torch.testing.assert_close(capped(small), paper(small), rtol=1e-4, atol=0.0)  # same slope at 0
+        torch.testing.assert_close(capped(huge), capped.weight.expand(1, -1), rtol=1e-4, atol=0.0)  # bound 0.5 w
+    assert bounded.config.dynorm["parameters"]["bound"] == "0.5 x token rms"
+
+
 def test_gemma_gamma_uses_one_plus_weight():
     model = tiny_model("gemma")
     original = model.model.layers[0].input_layernorm

@@ -40,13 +40,20 @@ def test_convert_with_calibration_then_info_eval_and_fidelity(tiny, tmp_path):
     assert (tmp_path / "eval" / "fidelity_by_depth.png").exists()
 
 
+def test_convert_with_a_bound(tiny, tmp_path):
+    model, text = tiny
+    cli("convert", model, tmp_path / "bounded", "--norm", "dyt", "--bound", "0.5", "--calibration", text,
+        "--calibration-windows", "2")
+    assert hf_dynorm.load_model(tmp_path / "bounded").config.dynorm["parameters"]["bound"] == "0.5 x token rms"
+
+
 def test_zero_shot_calibration_report(tiny, tmp_path, monkeypatch):
     model, text = tiny
     from hf_dynorm import reports
 
     monkeypatch.setattr(reports, "ANCHOR_COUNTS", (0, 2))
     results = reports.zero_shot_report(model, text, tmp_path, windows=4, eval_windows=2, window=32)
-    assert len(results["all_sites"]) == 2 + 4 + 2 * 4 + 1
+    assert len(results["all_sites"]) == 2 + 4 + 2 * 4 + 1 + 2 * len(reports.BOUNDS)
     assert len(results["sensitivity"]) == 5 and results["cumulative"][-1]["sites"] == 5
     assert "All sites swapped" in (tmp_path / "report.md").read_text()
 

@@ -125,6 +125,14 @@ def test_loss_falls(checkpoint, tmp_path):
     assert last < 0.8 * first
 
 
+def test_bounded_pure_start_is_kept_in_the_saved_model(checkpoint, tmp_path):
+    run = run_distill(distill_args(checkpoint, tmp_path, "--anchors", "0", "--bound", "0.5", "--max_steps", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = hf_dynorm.load_model(tmp_path / "final")
+    assert model.config.dynorm["parameters"]["bound"] == "0.5 x token rms"
+    assert json.loads((tmp_path / "final" / "results.json").read_text())["anchored"] is False
+
+
 def final_weights(folder):
     return load_file(str(Path(folder) / "final" / "model.safetensors"))
 
@@ -186,6 +194,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkp
     (["--colour", "blue"], "colour"),
     (["--mode", "adapters"], "mode must be one of"),
     (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+    (["--bound", "0.5"], "bound is a positive number for pure DyT/DyISRU"),  # with the default 4 anchors
 ])
 def test_bad_config_fails_before_loading_a_model(checkpoint, tmp_path, override, message):
     run = run_distill(distill_args(checkpoint, tmp_path, *override))
