@@ -127,28 +127,20 @@ def _backward(ctx, grad, is_dyt: bool):
     return dx.view(ctx.shape), grad_parameter.to(parameter.dtype), sums[1].to(weight.dtype), grad_bias
 
 
-class TritonDyISRU(torch.autograd.Function):
-    """weight * x / sqrt(kappa + x^2) + bias; same signature as modeling_dynorm.FusedDyISRU."""
+def _autograd_function(name: str, is_dyt: bool, doc: str) -> type:
+    """An autograd Function over the kernels, with the signature of the matching modeling_dynorm.Fused* one."""
 
-    @staticmethod
-    def forward(ctx, x, kappa, weight, bias):
-        return _forward(ctx, x, kappa, weight, bias, is_dyt=False)
+    def forward(ctx, x, parameter, weight, bias):
+        return _forward(ctx, x, parameter, weight, bias, is_dyt)
 
-    @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, is_dyt=False)
+        return _backward(ctx, grad, is_dyt)
+
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "__module__": __name__,
+                                                   "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-class TritonDyT(torch.autograd.Function):
-    """weight * tanh(alpha * x) + bias; same signature as modeling_dynorm.FusedDyT."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, weight, bias):
-        return _forward(ctx, x, alpha, weight, bias, is_dyt=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _backward(ctx, grad, is_dyt=True)
-
+TritonDyISRU = _autograd_function("TritonDyISRU", False, "weight * x / sqrt(kappa + x^2) + bias")
+TritonDyT = _autograd_function("TritonDyT", True, "weight * tanh(alpha * x) + bias")
 
 FUNCTIONS = {"dyisru": TritonDyISRU, "dyt": TritonDyT}

@@ -227,3 +227,10 @@ def test_multi_gpu_recipes_smoke_on_a_tiny_model_of_their_architecture(recipe, t
                        "--mixed_precision", "no", "--report_to", "none", "--progress", "false"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(RECIPE).parents[1] / "smollm2-135m").glob("*.yaml")))
+def test_cpu_recipes_are_valid_configs(recipe):
+    config = parse_config(["--config", str(Path(RECIPE).parents[1] / "smollm2-135m" / recipe)])
+    assert config.model == "smollm2-135m" and config.max_steps * config.batch_size * config.seq_len <= 100_000
