@@ -136,8 +136,9 @@ def _autograd_function(name: str, is_dyt: bool, doc: str) -> type:
     def backward(ctx, grad):
         return _backward(ctx, grad, is_dyt)
 
-    return type(name, (torch.autograd.Function,), {"__doc__": doc, "__module__": __name__,
-                                                   "forward": staticmethod(forward), "backward": staticmethod(backward)})
+    members = {"__doc__": doc, "__module__": __name__, "forward": staticmethod(forward),
+               "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), members)
 
 
 TritonDyISRU = _autograd_function("TritonDyISRU", False, "weight * x / sqrt(kappa + x^2) + bias")
