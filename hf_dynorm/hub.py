@@ -126,6 +126,7 @@ def render_card(folder, results: dict | None = None, *, repo_id: str | None = No
         site_count=len(sites), roles=", ".join(roles), gamma_origin=record["parameters"]["gamma"],
         parameter_name="kappa" if record["norm"] == "dyisru" else "alpha",
         parameter_origin=record["parameters"].get("kappa") or record["parameters"].get("alpha"),
+        bound=record["parameters"].get("bound"),
         calibration=record.get("calibration"), distillation=_distillation_summary(distillation),
         evaluation=evaluation, plots=list(plots))
 

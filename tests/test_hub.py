@@ -64,6 +64,7 @@ def test_card_without_evaluation_claims_no_numbers(converted):
     metadata = yaml.safe_load(str(card).split("---")[1])
     assert "model-index" not in metadata
     assert "not been evaluated" in str(card) and "zero-shot conversion" in str(card)
+    assert "output bound sqrt(C) (the paper's)" in str(card)
 
 
 def test_push_sends_every_staged_file_in_one_commit(converted, tmp_path, monkeypatch):
