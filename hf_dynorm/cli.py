@@ -18,8 +18,8 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, help="DyT alpha for every site (instead of calibration)")
     parser.add_argument("--per-channel", action="store_true", help="one kappa/alpha per channel")
     parser.add_argument("--anchors", type=int, help="anchored DyISRU: k anchor channels per site (needs calibration)")
-    parser.add_argument("--bound", type=float, help="pure DyT/DyISRU: saturate at BOUND x token rms instead of "
-                                                    "sqrt(C) (0.5: far better zero-shot; see README)")
+    parser.add_argument("--bound", type=float, help="saturate at BOUND x token rms instead of sqrt(C) (pure forms: "
+                                                    "0.5 is far better zero-shot; anchors keep sqrt(C); see README)")
     parser.add_argument("--calibration", help=f"calibration text (e.g. {EMBEDDED_TEXT}, a file, a Hub dataset)")
     parser.add_argument("--estimator", default="median", help="median | mean | geomean | fit")
     parser.add_argument("--kappa-from", default="all", choices=("all", "bulk"))

@@ -93,6 +93,7 @@ def bounded(kind: str, value: float, channels: int, bound: float | None) -> tupl
     The slope at 0 (what the function does to an ordinary element) stays the norm's; the function saturates at
     `bound` times the token rms s instead of sqrt(C) s. One massive token then cannot hand the next layer an input
     sqrt(C) times the usual size, which is what makes a pure element-wise model run away (README, distillation).
+    Anchored DyISRU scales its coupled term by the square of the weight scale (`DyISRU.anchor_scale`).
     """
     if bound is None:
         return 1.0, value
@@ -105,7 +106,8 @@ def build_replacement(kind: str, site: NormSite, original: nn.Module, value: flo
     bias = getattr(original, "bias", None)
     scale, value = bounded(kind, value, site.channels, bound)
     if kind == "dyisru":
-        new = DyISRU(site.channels, kappa=value, per_channel=per_channel, bias=bias is not None, anchors=anchors)
+        new = DyISRU(site.channels, kappa=value, per_channel=per_channel, bias=bias is not None, anchors=anchors,
+                     anchor_scale=scale ** 2)
     else:
         new = DyT(site.channels, alpha=value, per_channel=per_channel, bias=bias is not None)
     with torch.no_grad():
@@ -158,9 +160,9 @@ def convert(
         raise ConversionError("give either calibration data or an explicit kappa/alpha, not both.")
     if norm == "dyt" and anchors:
         raise ConversionError("anchors belong to DyISRU; DyT has no anchored form.")
-    if bound is not None and (anchors or bound <= 0):
-        raise ConversionError(f"bound must be a positive number and is for pure DyT/DyISRU (got bound={bound}, "
-                              f"anchors={anchors}): anchored DyISRU keeps the paper's sqrt(C), drop one of the two.")
+    if bound is not None and not bound > 0:
+        raise ConversionError(f"bound must be a positive number of token rms (got {bound}); leave it unset for "
+                              "the paper's sqrt(C).")
     chosen = select_sites(find_norm_sites(model), sites)
     if model.config.model_type not in CONFIG_MAPPING:
         raise ConversionError(f"model_type {model.config.model_type!r} is not a transformers architecture (remote "

@@ -46,8 +46,8 @@ class DistillConfig:
     anchors: int = field(default=4, metadata={"help": "anchored DyISRU start: k anchor channels per site"})
     anchor_fade_steps: int = field(default=0, metadata={"help": ">0: fade anchors to 0 over these final steps "
                                                                   "(a pure element-wise model)"})
-    bound: float | None = field(default=None, metadata={"help": "pure DyT/DyISRU: output bound in token rms "
-                                                                  "(conversion.bounded); unset: sqrt(C)"})
+    bound: float | None = field(default=None, metadata={"help": "output bound in token rms (conversion.bounded); "
+                                                                  "unset: the paper's sqrt(C)"})
     estimator: str = "median"
     calibration_windows: int = 16
     # how to train
@@ -100,8 +100,8 @@ class DistillConfig:
             raise ValueError(f"norm must be 'dyisru' or 'dyt', got {self.norm!r}")
         if self.norm == "dyt" and (self.anchors or self.anchor_fade_steps):
             raise ValueError("anchors belong to DyISRU: set anchors: 0 and anchor_fade_steps: 0 for DyT")
-        if self.bound is not None and (self.anchors or self.bound <= 0):
-            raise ValueError("bound is a positive number for pure DyT/DyISRU: set anchors: 0 with it")
+        if self.bound is not None and not self.bound > 0:
+            raise ValueError(f"bound must be a positive number of token rms, got {self.bound}")
         if self.anchor_fade_steps > self.max_steps:
             raise ValueError("anchor_fade_steps cannot exceed max_steps")
         if self.kl_weight + self.ce_weight + self.hidden_weight + self.local_weight <= 0:

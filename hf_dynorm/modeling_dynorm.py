@@ -44,11 +44,14 @@ def dyisru(
     bias: torch.Tensor | None = None,
     anchors: torch.Tensor | None = None,
     anchor_weight: torch.Tensor | float = 1.0,
+    anchor_scale: float = 1.0,
 ) -> torch.Tensor:
     """(Anchored) Dynamic Inverse Square Root Unit.
 
-    ``y_i = weight_i * x_i / sqrt(kappa + x_i^2 + a * sum_{c in anchors, c != i} x_c^2) + bias_i`` where ``a`` is
-    ``anchor_weight``. No anchors is the paper's DyISRU; every channel anchored with ``kappa = C * eps`` is RMSNorm.
+    ``y_i = weight_i * x_i / sqrt(kappa + x_i^2 + a * (s * sum_{c in anchors} x_c^2 - [i in anchors] x_i^2)) + bias_i``
+    where ``a`` is ``anchor_weight`` and ``s`` is ``anchor_scale``. With s = 1: no anchors is the paper's DyISRU;
+    every channel anchored with ``kappa = C * eps`` is RMSNorm. A bounded function (weight and kappa scaled by
+    b / sqrt(C) and its square) takes s = b^2 / C, so that the anchored channels keep the paper's bound.
     """
     dtype = compute_dtype(x)
     xf = x.to(dtype)
@@ -57,8 +60,8 @@ def dyisru(
     if anchors is not None and anchors.numel() > 0:
         coupled = squares.index_select(-1, anchors).sum(-1, keepdim=True)
         is_anchor = torch.zeros(x.shape[-1], device=x.device, dtype=dtype).index_fill_(0, anchors, 1.0)
-        # an anchor's own square is already in x_i^2: the coupled sum leaves it out
-        denominator = denominator + anchor_weight * (coupled - squares * is_anchor)
+        # an anchor's own square is already in x_i^2: the coupled sum takes it over (scaled like the rest)
+        denominator = denominator + anchor_weight * (anchor_scale * coupled - squares * is_anchor)
     y = xf * torch.rsqrt(denominator) * weight.to(dtype)
     if bias is not None:
         y = y + bias.to(dtype)
@@ -213,7 +216,9 @@ class DyISRU(_ElementwiseNorm):
 
     kappa is stored as ``log_kappa`` so that it stays positive and trains on a log scale (it spans ~1 to ~1e9).
     ``anchors`` (a buffer of channel indices) and ``anchor_weight`` (a buffer in [0, 1] that distillation can fade
-    to 0) give the anchored variant.
+    to 0) give the anchored variant; ``anchor_scale`` (a constant, kept in the config record) multiplies the coupled
+    term so that a bounded anchored DyISRU (weight and kappa scaled by b / sqrt(C) and its square) still equals
+    the norm on tokens whose energy sits in the anchors.
     """
 
     kind = "dyisru"
@@ -226,8 +231,10 @@ class DyISRU(_ElementwiseNorm):
         per_channel: bool = False,
         bias: bool = False,
         anchors: int | list[int] | torch.Tensor = 0,
+        anchor_scale: float = 1.0,
     ):
         super().__init__(channels, bias=bias)
+        self.anchor_scale = float(anchor_scale)
         self.log_kappa = self._scalar_or_channel(per_channel, math.log(kappa))
         if isinstance(anchors, int):
             anchors = torch.arange(anchors)  # placeholder indices, overwritten by load_state_dict or set_anchors
@@ -250,12 +257,13 @@ class DyISRU(_ElementwiseNorm):
         self.anchors = channels
 
     def spec(self) -> dict:
-        return {**super().spec(), "anchors": int(self.anchors.numel())}
+        spec = {**super().spec(), "anchors": int(self.anchors.numel())}
+        return {**spec, "anchor_scale": self.anchor_scale} if self.anchor_scale != 1.0 else spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.anchors.numel() == 0:  # the anchored form runs the reference path
             return self._fused_function(x, FusedDyISRU).apply(x, self.kappa, self.weight, self.bias)
-        return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight)
+        return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight, self.anchor_scale)
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, per_channel={self.per_channel}, bias={self.bias is not None}, "
@@ -269,7 +277,7 @@ def norm_from_spec(spec: dict) -> nn.Module:
     """An empty module of the shape a `dynorm` site record describes; its values come from the checkpoint."""
     options = {"per_channel": spec["per_channel"], "bias": spec["bias"]}
     if spec["kind"] == "dyisru":
-        options["anchors"] = spec.get("anchors", 0)
+        options.update(anchors=spec.get("anchors", 0), anchor_scale=spec.get("anchor_scale", 1.0))
     return NORM_KINDS[spec["kind"]](spec["channels"], **options)
 
 

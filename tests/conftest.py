@@ -3,9 +3,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # tests/test_kernels.py runs the Triton kernels in Triton's interpreter on the CPU; the mode is read when
+    # triton is imported, and transformers imports it early (through hf_dynorm), so it is chosen here
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def embedded_assets_installed() -> bool:

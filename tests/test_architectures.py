@@ -71,6 +71,22 @@ def test_bound_keeps_the_slope_at_zero_and_caps_the_output(norm):
     assert bounded.config.dynorm["parameters"]["bound"] == "0.5 x token rms"
 
 
+def test_bounded_anchored_dyisru_still_equals_the_norm_where_the_anchors_hold_the_energy(tmp_path):
+    model = tiny_model("llama")
+    name = "model.layers.0.input_layernorm"
+    norm = model.get_submodule(name)
+    hf_dynorm.convert(model, "dyisru", kappa=40.0, anchors=[3], bound=2.0)
+    module = model.get_submodule(name)
+    x = torch.randn(4, norm.weight.numel())
+    x[:, 3] = 1e4  # a massive activation in the anchor channel: the token's energy is all there
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), norm(x), rtol=1e-3, atol=1e-4)
+    save_converted(model, tmp_path / "out")
+    reloaded = hf_dynorm.load_model(tmp_path / "out").get_submodule(name)
+    assert reloaded.anchor_scale == module.anchor_scale == pytest.approx(4.0 / norm.weight.numel())
+    torch.testing.assert_close(reloaded(x), module(x))
+
+
 def test_gemma_gamma_uses_one_plus_weight():
     model = tiny_model("gemma")
     original = model.model.layers[0].input_layernorm

@@ -194,7 +194,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkp
     (["--colour", "blue"], "colour"),
     (["--mode", "adapters"], "mode must be one of"),
     (["--data", "/nonexistent/corpus.txt"], "does not exist"),
-    (["--bound", "0.5"], "bound is a positive number for pure DyT/DyISRU"),  # with the default 4 anchors
+    (["--bound", "-1"], "bound must be a positive number"),
 ])
 def test_bad_config_fails_before_loading_a_model(checkpoint, tmp_path, override, message):
     run = run_distill(distill_args(checkpoint, tmp_path, *override))

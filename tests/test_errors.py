@@ -31,7 +31,7 @@ def assert_unchanged(model, before):
     ({"anchors": 4}, "needs calibration data"),
     ({"kappa": {"attn_input": 3.0}}, "no value given for role 'mlp_input'"),
     ({"kappa": 3.0, "calibration": ["some text"]}, "either calibration data or an explicit"),
-    ({"bound": 0.5, "anchors": [1]}, "bound must be a positive number and is for pure"),
+    ({"bound": 0.0}, "bound must be a positive number"),
     ({"bound": -1.0}, "bound must be a positive number"),
 ])
 def test_bad_conversion_leaves_the_model_unchanged(kwargs, message):
