@@ -11,6 +11,7 @@ Anchored DyISRU keeps the squares of a few anchor channels A coupled (massive ac
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -140,18 +141,18 @@ class FusedDyT(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-_GPU_FUNCTIONS: dict[str, type | None] = {}
+@functools.cache
+def _gpu_functions() -> dict[str, type]:
+    """hf_dynorm's Triton kernels by norm kind when hf_dynorm and Triton are installed (looked up once), else {}."""
+    try:
+        from hf_dynorm.kernels import FUNCTIONS
+    except (ImportError, RuntimeError):
+        return {}
+    return FUNCTIONS
 
 
 def _gpu_function(kind: str) -> type | None:
-    """hf_dynorm's Triton kernel for `kind` when hf_dynorm and Triton are installed (checked once), else None."""
-    if not _GPU_FUNCTIONS:
-        try:
-            from hf_dynorm.kernels import FUNCTIONS
-        except (ImportError, RuntimeError):
-            FUNCTIONS = {}
-        _GPU_FUNCTIONS.update({"dyisru": None, "dyt": None, **FUNCTIONS})
-    return _GPU_FUNCTIONS[kind]
+    return _gpu_functions().get(kind)
 
 
 class _ElementwiseNorm(nn.Module):
