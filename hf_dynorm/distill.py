@@ -50,6 +50,7 @@ class DistillConfig:
                                                                   "unset: the paper's sqrt(C)"})
     estimator: str = "median"
     calibration_windows: int = 16
+    per_channel: bool = field(default=False, metadata={"help": "one kappa/alpha per channel instead of per site"})
     # how to train
     mode: str = field(default="norms", metadata={"help": "norms | lora | full"})
     lora_r: int = 16
@@ -303,7 +304,7 @@ def train(config: DistillConfig) -> dict | None:
     anchors = (config.anchors or None) if config.norm == "dyisru" else None
     originals = {site.name: student.get_submodule(site.name) for site in find_norm_sites(student)}
     convert(student, config.norm, calibration=calibration, estimator=config.estimator, anchors=anchors,
-            bound=config.bound)
+            bound=config.bound, per_channel=config.per_channel)
     sensitivity = calibration.local_sensitivity(config.norm, config.estimator, anchors or 0)
     sites = wrap_sites(student, originals)
     for site in sites.values():

@@ -125,11 +125,14 @@ def test_loss_falls(checkpoint, tmp_path):
     assert last < 0.8 * first
 
 
-def test_bounded_pure_start_is_kept_in_the_saved_model(checkpoint, tmp_path):
-    run = run_distill(distill_args(checkpoint, tmp_path, "--anchors", "0", "--bound", "0.5", "--max_steps", "2"))
+def test_bounded_per_channel_pure_start_is_kept_in_the_saved_model(checkpoint, tmp_path):
+    run = run_distill(distill_args(checkpoint, tmp_path, "--anchors", "0", "--bound", "0.5", "--per_channel", "true",
+                                   "--max_steps", "2"))
     assert run.returncode == 0, run.stderr[-3000:]
     model = hf_dynorm.load_model(tmp_path / "final")
     assert model.config.dynorm["parameters"]["bound"] == "0.5 x token rms"
+    norms = [m for m in model.modules() if isinstance(m, DyISRU)]
+    assert norms and all(m.log_kappa.shape == (m.channels,) for m in norms)
     assert json.loads((tmp_path / "final" / "results.json").read_text())["anchored"] is False
 
 
