@@ -27,24 +27,28 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import hf_dynorm
-from hf_dynorm.modeling_dynorm import DyISRU, DyT, dyisru, dyt
+from hf_dynorm.modeling_dynorm import DyISRU, DyT
 from hf_dynorm.reports import markdown_table
 
 SHAPES = ((8, 512, 576), (4, 2048, 2048), (2, 2048, 4096))
 
 
-def median_seconds(function, repeats: int, warmup: int = 2) -> float:
+def interleaved_medians(functions: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin (one call of each per round) so that a busy moment of the
+    machine falls on all candidates alike instead of on whichever was being timed."""
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        function()
-    times = []
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times = {name: [] for name in functions}
     for _ in range(repeats):
-        synchronize()
-        started = time.perf_counter()
-        function()
-        synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, function in functions.items():
+            synchronize()
+            started = time.perf_counter()
+            function()
+            synchronize()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # one compiled graph per shape x dtype x pass: lift dynamo's recompile limit, or later shapes silently run eager
@@ -66,18 +70,9 @@ def op_candidates(channels: int, compile_ops: bool, device: str) -> dict[str, nn
                   "dyisru_fused": variant(dyisru_module, triton=False)}
     if device == "cuda":  # the default fused path on a GPU: hf_dynorm's Triton kernels
         candidates.update(dyt_triton=dyt_module, dyisru_triton=dyisru_module)
-    if compile_ops:
-        class Compiled(nn.Module):
-            def __init__(self, module, function, parameter):
-                super().__init__()
-                self.module, self.parameter = module, parameter
-                self.function = torch.compile(function, dynamic=False)
-
-            def forward(self, x):
-                return self.function(x, getattr(self.module, self.parameter), self.module.weight)
-
-        candidates["dyt_compiled"] = Compiled(copy.deepcopy(dyt_module), dyt, "alpha")
-        candidates["dyisru_compiled"] = Compiled(copy.deepcopy(dyisru_module), dyisru, "kappa")
+    if compile_ops:  # what torch.compile(model) makes of the default modules
+        candidates.update(dyt_compiled=torch.compile(copy.deepcopy(dyt_module), dynamic=False),
+                          dyisru_compiled=torch.compile(copy.deepcopy(dyisru_module), dynamic=False))
     return candidates
 
 
@@ -87,21 +82,25 @@ def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool, device: str) -> l
         for dtype in dtypes:
             x = torch.randn(shape, dtype=dtype, device=device) * 3
             grad = torch.randn(shape, dtype=dtype, device=device)
+            inputs = x.clone().requires_grad_()
+            passes = {}
             for name, module in op_candidates(shape[-1], compile_ops, device).items():
-                module = (module.to(dtype) if not name.endswith("compiled") else module).to(device)
-                inputs = x.clone().requires_grad_()
+                module = module.to(dtype).to(device)
 
-                def forward():
+                def forward(module=module):
                     with torch.no_grad():
                         module(x)
 
-                def forward_backward():
+                def forward_backward(module=module):
                     inputs.grad = None
                     module(inputs).backward(grad)
 
+                passes[name, "forward"], passes[name, "forward_backward"] = forward, forward_backward
+            seconds = interleaved_medians(passes, repeats)
+            for name in dict.fromkeys(name for name, _ in passes):
                 rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "op": name,
-                             "forward_ms": 1e3 * median_seconds(forward, repeats),
-                             "forward_backward_ms": 1e3 * median_seconds(forward_backward, repeats)})
+                             "forward_ms": 1e3 * seconds[name, "forward"],
+                             "forward_backward_ms": 1e3 * seconds[name, "forward_backward"]})
                 # the least memory traffic possible: x in and y out forward; x, grad in and dx out backward
                 size = x.numel() * x.element_size()
                 rows[-1]["forward_gb_per_s"] = 2 * size / rows[-1]["forward_ms"] / 1e6
@@ -123,21 +122,24 @@ def bench_model(repeats: int) -> list[dict]:
                                                        anchors=[14, 100, 247, 507]),
               "dyt (fused)": hf_dynorm.convert(copy.deepcopy(original), "dyt")}
     ids = torch.randint(0, 49152, (2, 256), generator=torch.Generator().manual_seed(0))
-    rows = []
+    passes = {}
     for name, model in models.items():
         model.eval()
 
-        def forward():
+        def forward(model=model):
             with torch.no_grad():
                 model(input_ids=ids)
 
-        def train_step():
+        def train_step(model=model):
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids).loss.backward()
 
-        forward_s, train_s = median_seconds(forward, repeats, 1), median_seconds(train_step, max(2, repeats // 2), 1)
-        rows.append({"model": name, "forward_tokens_per_s": ids.numel() / forward_s,
-                     "train_step_tokens_per_s": ids.numel() / train_s})
+        passes[name, "forward"], passes[name, "train"] = forward, train_step
+    seconds = interleaved_medians(passes, repeats, warmup=1)
+    rows = []
+    for name in models:
+        rows.append({"model": name, "forward_tokens_per_s": ids.numel() / seconds[name, "forward"],
+                     "train_step_tokens_per_s": ids.numel() / seconds[name, "train"]})
         print(f"  model {rows[-1]}", flush=True)
     for row in rows:
         row["forward_ratio"] = row["forward_tokens_per_s"] / rows[0]["forward_tokens_per_s"]

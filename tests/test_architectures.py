@@ -65,6 +65,7 @@ def test_bound_keeps_the_slope_at_zero_and_caps_the_output(norm):
     channels = paper.weight.numel()
     torch.testing.assert_close(capped.weight, paper.weight * 0.5 / math.sqrt(channels))
     small, huge = torch.full((1, channels), 1e-4), torch.full((1, channels), 1e6)
+    paper.fused = capped.fused = False  # the exact forms: fused DyT's tanh is exact to 2e-7 absolute, not relative
     with torch.no_grad():
         torch.testing.assert_close(capped(small), paper(small), rtol=1e-4, atol=0.0)  # same slope at 0
         torch.testing.assert_close(capped(huge), capped.weight.expand(1, -1), rtol=1e-4, atol=0.0)  # bound 0.5 w
