@@ -38,3 +38,17 @@ def test_smollm2_registry_calibration_and_round_trip(smollm2, tmp_path):
     identical, errors = reload_without_hf_dynorm(tmp_path / "model", probe, expected)
     assert identical, errors
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dynorm"]["norm"] == "dyisru"
+
+
+def test_main_job_runs_the_shipped_recipe_end_to_end(tmp_path):
+    """`hf-dynorm demo` = the packaged smollm2-135m/dyisru.yaml cut short (here to 2 steps): settings, files, report."""
+    from hf_dynorm.demo import run_demo
+
+    summary = run_demo(tmp_path, ["--max_steps", "2", "--warmup_steps", "1", "--ramp_steps", "1",
+                                  "--eval_windows", "1", "--calibration_windows", "1"])
+    assert summary["anchored"] and summary["tokens"] == 2 * 2 * 256 and summary["perplexity_ratio"] > 0
+    record = json.loads((tmp_path / "distill" / "final" / "config.json").read_text())["dynorm"]
+    assert record["norm"] == "dyisru" and record["distillation"]["mode"] == "lora"
+    assert record["parameters"]["bound"] == "4.0 x token rms"
+    assert all(site["anchors"] == 16 for site in record["sites"].values())
+    assert (tmp_path / "report.md").exists() and summary["generations"]["converted"]
