@@ -2,10 +2,11 @@
 
     python benchmarks/run.py [--quick] [--no-compile] [--skip model,pipeline,distill] [--out benchmarks/results]
 
-Op level: HF's eager RMSNorm and nn.LayerNorm against DyT and DyISRU (reference, fused, torch.compile), forward and
-forward+backward, three shapes, fp32 and bf16. Model level: SmolLM2-135M original against converted, forward and a
-training step. Pipeline: calibration, evaluation against a plain forward loop, outlier-fidelity hook overhead, and
-a distillation step per mode (subprocesses: each reports its own peak memory). Times are medians of repeats.
+Op level: HF's eager RMSNorm and nn.LayerNorm against DyT and DyISRU (reference, fused, torch.compile) and anchored
+DyISRU (16 anchors; reference, fused), forward and forward+backward, three shapes, fp32 and bf16. Model level:
+SmolLM2-135M original against converted, forward and a training step. Pipeline: calibration, evaluation against a
+plain forward loop, outlier-fidelity hook overhead. Distillation: a step per mode, run first (subprocesses: each
+reports its own peak memory). Times are medians of repeats.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def op_candidates(channels: int, compile_ops: bool, device: str) -> dict[str, nn
                   "dyt_reference": variant(dyt_module, fused=False), "dyt_fused": variant(dyt_module, triton=False),
                   "dyisru_reference": variant(dyisru_module, fused=False),
                   "dyisru_fused": variant(dyisru_module, triton=False)}
+    # anchored DyISRU as the SmolLM2 recipe ships it: 16 coupled channels (a PyTorch Function on every device)
+    anchored = DyISRU(channels, kappa=float(channels), anchors=torch.arange(0, channels, channels // 16)[:16])
+    candidates.update(anchored16_reference=variant(anchored, fused=False), anchored16_fused=anchored)
     if device == "cuda":  # the default fused path on a GPU: hf_dynorm's Triton kernels
         candidates.update(dyt_triton=dyt_module, dyisru_triton=dyisru_module)
     if compile_ops:  # what torch.compile(model) makes of the default modules

@@ -102,11 +102,31 @@ def _saved_inputs(ctx, grad):
     return x, parameter, weight, x.to(dtype), grad.to(dtype), parameter.to(dtype), weight.to(dtype)
 
 
+def _dyisru_denominator(xf, k, anchors, anchor_coupling):
+    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, and that term per row (or None).
+
+    The coupled term is ``c sum_{a in anchors} x_a^2`` with c = anchor_weight * anchor_scale, and an anchor's own
+    square counts only through it (its x_i^2 is taken out again with weight anchor_weight): see `dyisru`.
+    """
+    if anchors is None:
+        return torch.addcmul(k, xf, xf), None
+    weight, scale = anchor_coupling
+    anchor_squares = xf.index_select(-1, anchors).square_()
+    coupled = anchor_squares.sum(-1, keepdim=True).mul_(weight * scale)
+    denominator = torch.addcmul(k + coupled, xf, xf)
+    return denominator.index_add_(-1, anchors, anchor_squares.mul_(-weight)), coupled
+
+
 class FusedDyISRU(torch.autograd.Function):
+    """Pure or anchored DyISRU; ``anchors`` (channel indices) with ``anchor_coupling`` = (anchor_weight,
+    anchor_scale) gives the anchored form, in the same number of full-size passes as the pure one."""
+
     @staticmethod
-    def forward(ctx, x, kappa, weight, bias):
+    def forward(ctx, x, kappa, weight, bias, anchors=None, anchor_coupling=None):
         xf = _save_inputs(ctx, x, kappa, weight, bias)
-        response = torch.addcmul(kappa.to(xf.dtype), xf, xf).rsqrt_().mul_(xf)  # x / sqrt(kappa + x^2)
+        ctx.anchors, ctx.anchor_coupling = anchors, anchor_coupling
+        denominator, _ = _dyisru_denominator(xf, kappa.to(xf.dtype), anchors, anchor_coupling)
+        response = denominator.rsqrt_().mul_(xf)  # x / sqrt(denominator)
         w = weight.to(xf.dtype)
         y = response.mul_(w) if bias is None else torch.addcmul(bias.to(xf.dtype), response, w, out=response)
         return y.to(x.dtype)
@@ -114,14 +134,23 @@ class FusedDyISRU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, kappa, weight, xf, g, k, w = _saved_inputs(ctx, grad)
-        r = torch.addcmul(k, xf, xf).rsqrt_()  # 1 / sqrt(kappa + x^2)
+        anchors, anchor_coupling = ctx.anchors, ctx.anchor_coupling
+        denominator, coupled = _dyisru_denominator(xf, k, anchors, anchor_coupling)
+        r = denominator.rsqrt_()
         g_r = g * r
         grad_weight = _sum_rows(g_r * xf)  # sum of g x r
-        g_r3 = g_r.mul_(r.square_())
-        grad_x = (g_r3 * (k * w)).to(x.dtype)  # d/dx x r = kappa r^3
-        grad_kappa = -0.5 * w * _sum_rows(torch.mul(g_r3, xf, out=r))  # d/dkappa x r = -x r^3 / 2
+        g_r3 = g_r.mul_(r.square_())  # g r^3
+        g_r3_x = torch.mul(g_r3, xf, out=r)
+        grad_kappa = -0.5 * w * _sum_rows(g_r3_x)  # d/dkappa x r = -x r^3 / 2
+        # d y_i / d x_i = w r^3 (denominator - x_i^2 d(denominator)/d(x_i^2)) = w r^3 (kappa + coupled)
+        grad_x = g_r3.mul_(w).mul_(k if coupled is None else k + coupled)
+        if anchors is not None:  # each anchor's square also sits in every channel's denominator of its row
+            pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
+            weight_scale = anchor_coupling[0] * anchor_coupling[1]
+            grad_x.index_add_(-1, anchors, xf.index_select(-1, anchors).mul_(pull).mul_(-weight_scale))
         grad_bias = _sum_rows(g).to(weight.dtype) if ctx.has_bias else None
-        return grad_x, _parameter_grad(grad_kappa, kappa), grad_weight.to(weight.dtype), grad_bias
+        return (grad_x.to(x.dtype), _parameter_grad(grad_kappa, kappa), grad_weight.to(weight.dtype), grad_bias,
+                None, None)
 
 
 class FusedDyT(torch.autograd.Function):
@@ -272,8 +301,11 @@ class DyISRU(_ElementwiseNorm):
         return {**spec, "anchor_scale": self.anchor_scale} if self.anchor_scale != 1.0 else spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.anchors.numel() == 0:  # the anchored form runs the reference path
+        if self.fused and self.anchors.numel() == 0:
             return self._fused_function(x, FusedDyISRU).apply(x, self.kappa, self.weight, self.bias)
+        if self.fused:  # the anchored form: the PyTorch Function on every device (the kernels are pure only)
+            coupling = (self.anchor_weight.to(compute_dtype(x)), self.anchor_scale)
+            return FusedDyISRU.apply(x, self.kappa, self.weight, self.bias, self.anchors, coupling)
         return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight, self.anchor_scale)
 
     def extra_repr(self) -> str:

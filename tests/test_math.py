@@ -100,7 +100,7 @@ def test_set_anchors_rejects_out_of_range():
         DyISRU(C).set_anchors([C])
 
 
-@pytest.mark.parametrize("kind", ["dyisru", "dyt"])
+@pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_fused_path_gradients_are_exact(kind, per_channel):
     from hf_dynorm.modeling_dynorm import FusedDyISRU, FusedDyT
@@ -110,10 +110,31 @@ def test_fused_path_gradients_are_exact(kind, per_channel):
     parameter = (torch.rand(8 if per_channel else 1, dtype=torch.float64) + 0.5).requires_grad_()
     weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    function = FusedDyISRU if kind == "dyisru" else FusedDyT
-    if kind == "dyisru":
-        parameter = (parameter * 20).detach().requires_grad_()
-    assert torch.autograd.gradcheck(function.apply, (x, parameter, weight, bias))
+    if kind == "dyt":
+        assert torch.autograd.gradcheck(FusedDyT.apply, (x, parameter, weight, bias))
+        return
+    kappa = (parameter * 20).detach().requires_grad_()
+    anchored = (torch.tensor([6, 1]), (torch.tensor(0.7, dtype=torch.float64), 1.3)) if kind == "anchored" else ()
+    assert torch.autograd.gradcheck(lambda *inputs: FusedDyISRU.apply(*inputs, *anchored), (x, kappa, weight, bias))
+
+
+@pytest.mark.parametrize("anchor_weight", [1.0, 0.4, 0.0])
+def test_fused_anchored_dyisru_is_the_reference_form(anchor_weight):
+    torch.manual_seed(2)
+    module = DyISRU(C, kappa=50.0, anchors=[5, 2, 11], anchor_scale=0.25)
+    module.anchor_weight.fill_(anchor_weight)
+    x = torch.randn(3, 7, C, dtype=torch.float64) * 3
+    x[..., 5] = 400.0  # a massive activation in an anchor channel
+    outputs = []
+    for fused in (True, False):
+        module.fused = fused
+        module.zero_grad()
+        inputs = x.clone().requires_grad_()
+        y = module.double()(inputs)
+        (y * torch.linspace(-1, 1, C, dtype=torch.float64)).sum().backward()
+        outputs.append([y, inputs.grad, *(p.grad for p in module.parameters())])
+    for fused_value, reference_value in zip(*outputs):
+        torch.testing.assert_close(fused_value, reference_value, rtol=1e-12, atol=1e-12)
 
 
 def test_fused_dyt_is_tanh_within_fp32_rounding():
@@ -125,11 +146,13 @@ def test_fused_dyt_is_tanh_within_fp32_rounding():
     assert error < 2e-7
 
 
-@pytest.mark.parametrize("kind", ["dyisru", "dyt"])
+@pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_and_reference_agree_in_value_and_gradient(kind, dtype):
     torch.manual_seed(1)
-    module = DyISRU(C, kappa=900.0, bias=True) if kind == "dyisru" else DyT(C, alpha=0.02, bias=True)
+    module = {"dyisru": lambda: DyISRU(C, kappa=900.0, bias=True),
+              "anchored": lambda: DyISRU(C, kappa=900.0, bias=True, anchors=[0, 7], anchor_scale=0.5),
+              "dyt": lambda: DyT(C, alpha=0.02, bias=True)}[kind]()
     with torch.no_grad():
         module.weight.uniform_(0.5, 2.0)
         module.bias.normal_()
