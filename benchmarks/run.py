@@ -28,6 +28,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import hf_dynorm
+from hf_dynorm.allocator import pin_malloc_thresholds
 from hf_dynorm.modeling_dynorm import DyISRU, DyT
 from hf_dynorm.reports import markdown_table
 
@@ -193,7 +194,7 @@ def bench_pipeline(windows: int) -> dict:
             "fidelity_vs_plain_ratio": fidelity_s / plain}
 
 
-def bench_distill(steps: int) -> list[dict]:
+def bench_distill(steps: int, pinned: bool) -> list[dict]:
     """One subprocess per mode; peak RSS of the training loop alone (Linux VmHWM, reset when the loop starts).
     'no teacher' runs the student alone (cross-entropy) for the single-copy teacher's memory ratio."""
     rows = []
@@ -205,7 +206,9 @@ def bench_distill(steps: int) -> list[dict]:
     for label, extra in cases:
         mode = label.split(",")[0]
         with tempfile.TemporaryDirectory() as out:
-            script = ("import json, sys\nfrom hf_dynorm.distill import parse_config, train\n"
+            script = ("import json, sys\nfrom hf_dynorm.allocator import pin_malloc_thresholds\n"
+                      "from hf_dynorm.distill import parse_config, train\n"
+                      f"{'pin_malloc_thresholds()' if pinned else ''}\n"
                       "r = train(parse_config(sys.argv[1:]))\n"
                       "print('RESULT', json.dumps({'tokens_per_second': r['tokens_per_second'], "
                       "'peak_rss_gb': r['train_peak_rss_gb']}))")
@@ -221,7 +224,9 @@ def bench_distill(steps: int) -> list[dict]:
 
 def report(results: dict) -> str:
     lines = [f"# hf_dynorm benchmarks\n\nMachine: {results['machine']}; torch {results['torch']}, "
-             f"{results['threads']} threads. Times are medians; ratios are against HF's eager RMSNorm (ops) or the "
+             f"{results['threads']} threads; glibc malloc thresholds "
+             f"{'pinned' if results.get('malloc_thresholds_pinned') else 'adaptive'}. Times are medians; "
+             "ratios are against HF's eager RMSNorm (ops) or the "
              "original model, measured side by side in the same process.\n"]
     if results.get("ops"):
         lines.append("## Ops (ratio to HF eager RMSNorm; below 1 is faster)\n")
@@ -271,16 +276,20 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="op-level device; on cuda the Triton kernels join the comparison")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds adaptive (the CLI pins them; README, Benchmarks)")
     args = parser.parse_args()
+    pinned = not args.default_malloc and pin_malloc_thresholds()
     skip = set(filter(None, args.skip.split(",")))
     repeats = 3 if args.quick else 7
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or ''}"
-               .strip(", "), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device}
+               .strip(", "), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+               "malloc_thresholds_pinned": pinned}
     if args.device == "cuda":
         results["machine"] += f"; ops on {torch.cuda.get_device_name()}"
     started = time.perf_counter()
     if "distill" not in skip:  # first, while this process holds nothing: measured 25-30% slower after the rest
-        results["distill"] = bench_distill(2 if args.quick else 3)
+        results["distill"] = bench_distill(2 if args.quick else 3, pinned)
     if "ops" not in skip:
         results["ops"] = bench_ops(SHAPES[:1] if args.quick else SHAPES, (torch.float32, torch.bfloat16), repeats,
                                    not args.no_compile, args.device)

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .allocator import pin_malloc_thresholds
 from .assets import EMBEDDED_MODEL, EMBEDDED_TEXT
 
 
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    pin_malloc_thresholds()
     if argv[:1] == ["distill"]:  # its own HfArgumentParser takes every recipe key
         from .distill import main as distill_main
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocator import pin_malloc_thresholds
 from .architectures import ARCHITECTURES, find_norm_sites
 from .assets import check_text_source
 from .modeling_dynorm import DyISRU
@@ -255,6 +256,7 @@ def set_teacher(sites: dict[str, DistillationSite], on: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pin_malloc_thresholds()
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv)
     except (ValueError, OSError) as error:

@@ -67,3 +67,13 @@ def test_unknown_arguments_are_refused():
     run = subprocess.run([sys.executable, "-m", "hf_dynorm.cli", "info", "x", "--bogus"], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 2 and "unrecognized arguments: --bogus" in run.stderr
+
+
+def test_malloc_thresholds_are_pinned_on_glibc_unless_the_user_set_them(monkeypatch):
+    import platform
+
+    from hf_dynorm.allocator import pin_malloc_thresholds
+
+    assert pin_malloc_thresholds() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert pin_malloc_thresholds() is False
