@@ -191,3 +191,22 @@ def test_unknown_architecture_falls_back_with_a_warning(caplog, tmp_path):
     inputs = tiny_inputs()
     with torch.no_grad():
         assert torch.equal(hf_dynorm.load_model(tmp_path)(inputs).logits, model(inputs).logits)
+
+
+@pytest.mark.parametrize("norm", ["dyisru", "dyt"])
+def test_torch_compile_of_a_converted_model_matches_eager(norm):
+    """What `torch.compile(model)` makes of the fused Functions (anchored DyISRU included): same values and grads."""
+    model = tiny_model("llama")
+    hf_dynorm.convert(model, norm, **({"anchors": [1, 5]} if norm == "dyisru" else {}))
+    ids = tiny_inputs()
+    results = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad()
+        logits = run(ids).logits
+        logits.square().mean().backward()
+        site = model.get_submodule("model.layers.0.input_layernorm")
+        results.append((logits.detach(), [p.grad.clone() for p in site.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
