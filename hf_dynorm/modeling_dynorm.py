@@ -143,7 +143,7 @@ class FusedDyISRU(torch.autograd.Function):
         g_r3_x = torch.mul(g_r3, xf, out=r)
         grad_kappa = -0.5 * w * _sum_rows(g_r3_x)  # d/dkappa x r = -x r^3 / 2
         # d y_i / d x_i = w r^3 (denominator - x_i^2 d(denominator)/d(x_i^2)) = w r^3 (kappa + coupled)
-        grad_x = g_r3.mul_(w).mul_(k if coupled is None else k + coupled)
+        grad_x = g_r3.mul_(w * k) if coupled is None else g_r3.mul_(w).mul_(k + coupled)
         if anchors is not None:  # each anchor's square also sits in every channel's denominator of its row
             pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
             weight_scale = anchor_coupling[0] * anchor_coupling[1]
