@@ -225,11 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    pin_malloc_thresholds()
-    if argv[:1] == ["distill"]:  # its own HfArgumentParser takes every recipe key
+    if argv[:1] == ["distill"]:  # its own HfArgumentParser takes every recipe key (and its main pins malloc)
         from .distill import main as distill_main
 
         return distill_main(argv[1:])
+    pin_malloc_thresholds()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "demo":

@@ -103,18 +103,20 @@ def _saved_inputs(ctx, grad):
 
 
 def _dyisru_denominator(xf, k, anchors, anchor_coupling):
-    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, and that term per row (or None).
+    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, that term per row and the anchor columns of
+    x (None, None without anchors).
 
     The coupled term is ``c sum_{a in anchors} x_a^2`` with c = anchor_weight * anchor_scale, and an anchor's own
     square counts only through it (its x_i^2 is taken out again with weight anchor_weight): see `dyisru`.
     """
     if anchors is None:
-        return torch.addcmul(k, xf, xf), None
+        return torch.addcmul(k, xf, xf), None, None
     weight, scale = anchor_coupling
-    anchor_squares = xf.index_select(-1, anchors).square_()
+    anchor_values = xf.index_select(-1, anchors)
+    anchor_squares = anchor_values.square()
     coupled = anchor_squares.sum(-1, keepdim=True).mul_(weight * scale)
     denominator = torch.addcmul(k + coupled, xf, xf)
-    return denominator.index_add_(-1, anchors, anchor_squares.mul_(-weight)), coupled
+    return denominator.index_add_(-1, anchors, anchor_squares.mul_(-weight)), coupled, anchor_values
 
 
 class FusedDyISRU(torch.autograd.Function):
@@ -125,7 +127,7 @@ class FusedDyISRU(torch.autograd.Function):
     def forward(ctx, x, kappa, weight, bias, anchors=None, anchor_coupling=None):
         xf = _save_inputs(ctx, x, kappa, weight, bias)
         ctx.anchors, ctx.anchor_coupling = anchors, anchor_coupling
-        denominator, _ = _dyisru_denominator(xf, kappa.to(xf.dtype), anchors, anchor_coupling)
+        denominator, _, _ = _dyisru_denominator(xf, kappa.to(xf.dtype), anchors, anchor_coupling)
         response = denominator.rsqrt_().mul_(xf)  # x / sqrt(denominator)
         w = weight.to(xf.dtype)
         y = response.mul_(w) if bias is None else torch.addcmul(bias.to(xf.dtype), response, w, out=response)
@@ -135,7 +137,7 @@ class FusedDyISRU(torch.autograd.Function):
     def backward(ctx, grad):
         x, kappa, weight, xf, g, k, w = _saved_inputs(ctx, grad)
         anchors, anchor_coupling = ctx.anchors, ctx.anchor_coupling
-        denominator, coupled = _dyisru_denominator(xf, k, anchors, anchor_coupling)
+        denominator, coupled, anchor_values = _dyisru_denominator(xf, k, anchors, anchor_coupling)
         r = denominator.rsqrt_()
         g_r = g * r
         grad_weight = _sum_rows(g_r * xf)  # sum of g x r
@@ -147,7 +149,7 @@ class FusedDyISRU(torch.autograd.Function):
         if anchors is not None:  # each anchor's square also sits in every channel's denominator of its row
             pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
             weight_scale = anchor_coupling[0] * anchor_coupling[1]
-            grad_x.index_add_(-1, anchors, xf.index_select(-1, anchors).mul_(pull).mul_(-weight_scale))
+            grad_x.index_add_(-1, anchors, anchor_values.mul_(pull).mul_(-weight_scale))
         grad_bias = _sum_rows(g).to(weight.dtype) if ctx.has_bias else None
         return (grad_x.to(x.dtype), _parameter_grad(grad_kappa, kappa), grad_weight.to(weight.dtype), grad_bias,
                 None, None)
