@@ -4,9 +4,9 @@
 
 Op level: HF's eager RMSNorm and nn.LayerNorm against DyT and DyISRU (reference, fused, torch.compile) and anchored
 DyISRU (16 anchors; reference, fused), forward and forward+backward, three shapes, fp32 and bf16. Model level:
-SmolLM2-135M original against converted, forward and a training step. Pipeline: calibration, evaluation against a
-plain forward loop, outlier-fidelity hook overhead. Distillation: a step per mode, run first (subprocesses: each
-reports its own peak memory). Times are medians of repeats.
+SmolLM2-135M original against converted (and an A/A copy of the original), forward, a training step, generation.
+Pipeline: calibration, evaluation against a plain forward loop, outlier-fidelity hook overhead. Distillation: a step
+per mode, run first (subprocesses: each reports its own peak memory). Times are medians of repeats.
 """
 
 from __future__ import annotations
@@ -35,22 +35,36 @@ from hf_dynorm.reports import markdown_table
 SHAPES = ((8, 512, 576), (4, 2048, 2048), (2, 2048, 4096))
 
 
-def interleaved_medians(functions: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin (one call of each per round) so that a busy moment of the
-    machine falls on all candidates alike instead of on whichever was being timed."""
+def interleaved_times(functions: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call of each function, timed round-robin (one call of each per round) so that a busy moment
+    of the machine falls on all candidates alike instead of on whichever was being timed. Each round starts one
+    candidate later than the one before, so that none always runs right after the same neighbour."""
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for function in functions.values():
         for _ in range(warmup):
             function()
     times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
+    order = list(functions.items())
+    for round_ in range(repeats):
+        shift = round_ % len(order)
+        for name, function in order[shift:] + order[:shift]:
             synchronize()
             started = time.perf_counter()
             function()
             synchronize()
             times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(functions: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in interleaved_times(functions, repeats, warmup).items()}
+
+
+def paired_speedups(times: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round speed ratios baseline time / time (the rounds pair the candidates)."""
+    ratios = [b / t for b, t in zip(baseline, times)]
+    low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, low, high
 
 
 # one compiled graph per shape x dtype x pass: lift dynamo's recompile limit, or later shapes silently run eager
@@ -120,13 +134,19 @@ def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool, device: str) -> l
 
 
 def bench_model(repeats: int) -> list[dict]:
-    original = hf_dynorm.load_model("smollm2-135m")
-    models = {"original": original,
-              "dyisru (fused)": hf_dynorm.convert(copy.deepcopy(original), "dyisru"),
-              "dyisru anchored k=4": hf_dynorm.convert(copy.deepcopy(original), "dyisru",
-                                                       anchors=[14, 100, 247, 507]),
-              "dyt (fused)": hf_dynorm.convert(copy.deepcopy(original), "dyt")}
+    """Tokens/s of SmolLM2-135M original against converted: a forward and a training step of 2 x 256 tokens, and
+    greedy generation of 32 tokens after a 32-token prompt (decode: one token per forward, where per-call overhead
+    counts). "original (copy)" is an A/A control: its spread is the noise floor of the ratios."""
+    # every model a copy: a model fresh from load_model can hold its weights in memory that runs measurably slower
+    # (the A/A control read 1.08-1.12x against it) than the copies it is compared with
+    original = copy.deepcopy(hf_dynorm.load_model("smollm2-135m"))
+    recipe_anchors = list(range(8, 576, 36))  # 16 channels per site as the shipped recipe (which ones costs the same)
+    models = {"original": original, "original (copy)": copy.deepcopy(original),
+              "dyisru": hf_dynorm.convert(copy.deepcopy(original), "dyisru"),
+              "dyisru anchored k=16": hf_dynorm.convert(copy.deepcopy(original), "dyisru", anchors=recipe_anchors),
+              "dyt": hf_dynorm.convert(copy.deepcopy(original), "dyt")}
     ids = torch.randint(0, 49152, (2, 256), generator=torch.Generator().manual_seed(0))
+    prompt, new_tokens = ids[:1, :32], 32
     passes = {}
     for name, model in models.items():
         model.eval()
@@ -139,16 +159,22 @@ def bench_model(repeats: int) -> list[dict]:
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids).loss.backward()
 
-        passes[name, "forward"], passes[name, "train"] = forward, train_step
-    seconds = interleaved_medians(passes, repeats, warmup=1)
+        def generate(model=model):
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+        passes[name, "forward"], passes[name, "train_step"], passes[name, "generate"] = forward, train_step, generate
+    times = interleaved_times(passes, repeats, warmup=1)
+    tokens = {"forward": ids.numel(), "train_step": ids.numel(), "generate": new_tokens}
     rows = []
     for name in models:
-        rows.append({"model": name, "forward_tokens_per_s": ids.numel() / seconds[name, "forward"],
-                     "train_step_tokens_per_s": ids.numel() / seconds[name, "train"]})
-        print(f"  model {rows[-1]}", flush=True)
-    for row in rows:
-        row["forward_ratio"] = row["forward_tokens_per_s"] / rows[0]["forward_tokens_per_s"]
-        row["train_step_ratio"] = row["train_step_tokens_per_s"] / rows[0]["train_step_tokens_per_s"]
+        row = {"model": name}
+        for kind, count in tokens.items():
+            row[f"{kind}_tokens_per_s"] = count / statistics.median(times[name, kind])
+            row[f"{kind}_ratio"], row[f"{kind}_ratio_q1"], row[f"{kind}_ratio_q3"] = paired_speedups(
+                times[name, kind], times["original", kind])
+        rows.append(row)
+        print(f"  model {row}", flush=True)
     return rows
 
 
@@ -251,11 +277,14 @@ def report(results: dict) -> str:
                          f"{r['op']} {tuple(r['shape'])} {r['dtype']}: {r['forward_gb_per_s']:.1f} / "
                          f"{r['forward_backward_gb_per_s']:.1f}" for r in fused) + "\n")
     if results.get("model"):
-        lines.append("## SmolLM2-135M (2 x 256 tokens)\n")
-        lines.append(markdown_table(["model", "forward tokens/s", "ratio", "train step tokens/s", "ratio"],
-                                    [[r["model"], r["forward_tokens_per_s"], r["forward_ratio"],
-                                      r["train_step_tokens_per_s"], r["train_step_ratio"]]
-                                     for r in results["model"]]))
+        kinds = {"forward": "forward 2 x 256", "train_step": "train step 2 x 256", "generate": "generate 32"}
+        lines.append("## SmolLM2-135M (tokens/s; ratio to the original: median [quartiles] of paired rounds)\n")
+        lines.append(markdown_table(
+            ["model", *(f"{label} {what}" for label in kinds.values() for what in ("tokens/s", "ratio"))],
+            [[r["model"], *(cell for kind in kinds for cell in (
+                r[f"{kind}_tokens_per_s"],
+                f"{r[f'{kind}_ratio']:.3f} [{r[f'{kind}_ratio_q1']:.3f}, {r[f'{kind}_ratio_q3']:.3f}]"))]
+             for r in results["model"]]))
     if results.get("pipeline"):
         p = results["pipeline"]
         lines.append("\n## Pipeline (SmolLM2-135M, wiki-sample)\n")
@@ -294,7 +323,7 @@ def main() -> None:
         results["ops"] = bench_ops(SHAPES[:1] if args.quick else SHAPES, (torch.float32, torch.bfloat16), repeats,
                                    not args.no_compile, args.device)
     if "model" not in skip:
-        results["model"] = bench_model(repeats)
+        results["model"] = bench_model(3 if args.quick else 11)
     if "pipeline" not in skip:
         results["pipeline"] = bench_pipeline(4 if args.quick else 16)
     results["seconds"] = time.perf_counter() - started

@@ -96,7 +96,8 @@ def _launch_grid(rows: int, channels: int) -> tuple[int, int]:
     return triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(channels, BLOCK_C)
 
 
-def _forward(ctx, x, parameter, weight, bias, is_dyt: bool):
+def _forward_values(x, parameter, weight, bias, is_dyt: bool):
+    """y, and the contiguous (rows, C) x and parameters that backward reads."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     rows, channels = x2.shape
     y = torch.empty_like(x2)
@@ -105,9 +106,14 @@ def _forward(ctx, x, parameter, weight, bias, is_dyt: bool):
         x2, y, parameter, weight, bias if bias is not None else weight, rows, channels, x2.stride(0),
         IS_DYT=is_dyt, PER_CHANNEL=parameter.numel() > 1, HAS_BIAS=bias is not None,
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C)
+    return y.view(x.shape), x2, parameter, weight
+
+
+def _forward(ctx, x, parameter, weight, bias, is_dyt: bool):
+    y, x2, parameter, weight = _forward_values(x, parameter, weight, bias, is_dyt)
     ctx.save_for_backward(x2, parameter, weight)
     ctx.has_bias, ctx.shape = bias is not None, x.shape
-    return y.view(x.shape)
+    return y
 
 
 def _backward(ctx, grad, is_dyt: bool):
@@ -130,13 +136,16 @@ def _backward(ctx, grad, is_dyt: bool):
 def _autograd_function(name: str, is_dyt: bool, doc: str) -> type:
     """An autograd Function over the kernels, with the signature of the matching modeling_dynorm.Fused* one."""
 
+    def values(x, parameter, weight, bias):
+        return _forward_values(x, parameter, weight, bias, is_dyt)[0]
+
     def forward(ctx, x, parameter, weight, bias):
         return _forward(ctx, x, parameter, weight, bias, is_dyt)
 
     def backward(ctx, grad):
         return _backward(ctx, grad, is_dyt)
 
-    members = {"__doc__": doc, "__module__": __name__, "forward": staticmethod(forward),
+    members = {"__doc__": doc, "__module__": __name__, "values": staticmethod(values), "forward": staticmethod(forward),
                "backward": staticmethod(backward)}
     return type(name, (torch.autograd.Function,), members)
 

@@ -88,11 +88,10 @@ def _parameter_grad(per_channel: torch.Tensor, like: torch.Tensor) -> torch.Tens
     return (per_channel.sum().reshape(1) if like.numel() == 1 else per_channel).to(like.dtype)
 
 
-def _save_inputs(ctx, x, parameter, weight, bias) -> torch.Tensor:
-    """Save what backward recomputes from; x in the compute dtype."""
+def _save_inputs(ctx, x, parameter, weight, bias) -> None:
+    """Save what backward recomputes from."""
     ctx.save_for_backward(x, parameter, weight)
     ctx.has_bias = bias is not None
-    return x.to(compute_dtype(x))
 
 
 def _saved_inputs(ctx, grad):
@@ -103,20 +102,20 @@ def _saved_inputs(ctx, grad):
 
 
 def _dyisru_denominator(xf, k, anchors, anchor_coupling):
-    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, that term per row and the anchor columns of
-    x (None, None without anchors).
+    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, the part of it that every channel of a row
+    shares (kappa, plus the coupled term with anchors) and the anchor columns of x (None without anchors).
 
     The coupled term is ``c sum_{a in anchors} x_a^2`` with c = anchor_weight * anchor_scale, and an anchor's own
     square counts only through it (its x_i^2 is taken out again with weight anchor_weight): see `dyisru`.
     """
     if anchors is None:
-        return torch.addcmul(k, xf, xf), None, None
+        return torch.addcmul(k, xf, xf), k, None
     weight, scale = anchor_coupling
     anchor_values = xf.index_select(-1, anchors)
     anchor_squares = anchor_values.square()
-    coupled = anchor_squares.sum(-1, keepdim=True).mul_(weight * scale)
-    denominator = torch.addcmul(k + coupled, xf, xf)
-    return denominator.index_add_(-1, anchors, anchor_squares.mul_(-weight)), coupled, anchor_values
+    shared = torch.addcmul(k, anchor_squares.sum(-1, keepdim=True), weight, value=scale)
+    denominator = torch.addcmul(shared, xf, xf)
+    return denominator.index_add_(-1, anchors, anchor_squares.mul_(weight), alpha=-1), shared, anchor_values
 
 
 class FusedDyISRU(torch.autograd.Function):
@@ -124,9 +123,9 @@ class FusedDyISRU(torch.autograd.Function):
     anchor_scale) gives the anchored form, in the same number of full-size passes as the pure one."""
 
     @staticmethod
-    def forward(ctx, x, kappa, weight, bias, anchors=None, anchor_coupling=None):
-        xf = _save_inputs(ctx, x, kappa, weight, bias)
-        ctx.anchors, ctx.anchor_coupling = anchors, anchor_coupling
+    def values(x, kappa, weight, bias, anchors=None, anchor_coupling=None):
+        """The forward values without autograd's bookkeeping (what `forward` returns)."""
+        xf = x.to(compute_dtype(x))
         denominator, _, _ = _dyisru_denominator(xf, kappa.to(xf.dtype), anchors, anchor_coupling)
         response = denominator.rsqrt_().mul_(xf)  # x / sqrt(denominator)
         w = weight.to(xf.dtype)
@@ -134,10 +133,16 @@ class FusedDyISRU(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
+    def forward(ctx, x, kappa, weight, bias, anchors=None, anchor_coupling=None):
+        _save_inputs(ctx, x, kappa, weight, bias)
+        ctx.anchors, ctx.anchor_coupling = anchors, anchor_coupling
+        return FusedDyISRU.values(x, kappa, weight, bias, anchors, anchor_coupling)
+
+    @staticmethod
     def backward(ctx, grad):
         x, kappa, weight, xf, g, k, w = _saved_inputs(ctx, grad)
         anchors, anchor_coupling = ctx.anchors, ctx.anchor_coupling
-        denominator, coupled, anchor_values = _dyisru_denominator(xf, k, anchors, anchor_coupling)
+        denominator, shared, anchor_values = _dyisru_denominator(xf, k, anchors, anchor_coupling)
         r = denominator.rsqrt_()
         g_r = g * r
         grad_weight = _sum_rows(g_r * xf)  # sum of g x r
@@ -145,11 +150,11 @@ class FusedDyISRU(torch.autograd.Function):
         g_r3_x = torch.mul(g_r3, xf, out=r)
         grad_kappa = -0.5 * w * _sum_rows(g_r3_x)  # d/dkappa x r = -x r^3 / 2
         # d y_i / d x_i = w r^3 (denominator - x_i^2 d(denominator)/d(x_i^2)) = w r^3 (kappa + coupled)
-        grad_x = g_r3.mul_(w * k) if coupled is None else g_r3.mul_(w).mul_(k + coupled)
+        grad_x = g_r3.mul_(w * shared) if anchors is None else g_r3.mul_(w).mul_(shared)
         if anchors is not None:  # each anchor's square also sits in every channel's denominator of its row
             pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
-            weight_scale = anchor_coupling[0] * anchor_coupling[1]
-            grad_x.index_add_(-1, anchors, anchor_values.mul_(pull).mul_(-weight_scale))
+            anchor_weight, anchor_scale = anchor_coupling
+            grad_x.index_add_(-1, anchors, anchor_values.mul_(pull).mul_(anchor_weight), alpha=-anchor_scale)
         grad_bias = _sum_rows(g).to(weight.dtype) if ctx.has_bias else None
         return (grad_x.to(x.dtype), _parameter_grad(grad_kappa, kappa), grad_weight.to(weight.dtype), grad_bias,
                 None, None)
@@ -157,12 +162,18 @@ class FusedDyISRU(torch.autograd.Function):
 
 class FusedDyT(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, alpha, weight, bias):
-        xf = _save_inputs(ctx, x, alpha, weight, bias)
+    def values(x, alpha, weight, bias):
+        """The forward values without autograd's bookkeeping (what `forward` returns)."""
+        xf = x.to(compute_dtype(x))
         s = torch.mul(xf, 2 * alpha.to(xf.dtype)).sigmoid_()
         w = weight.to(xf.dtype)
         shift = -w if bias is None else bias.to(xf.dtype) - w
-        return torch.addcmul(shift, s, 2 * w, out=s).to(x.dtype)  # w (2 s - 1) + bias = w tanh(alpha x) + bias
+        return torch.addcmul(shift, s, w, value=2, out=s).to(x.dtype)  # w (2 s - 1) + bias = w tanh(alpha x) + bias
+
+    @staticmethod
+    def forward(ctx, x, alpha, weight, bias):
+        _save_inputs(ctx, x, alpha, weight, bias)
+        return FusedDyT.values(x, alpha, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -212,6 +223,14 @@ class _ElementwiseNorm(nn.Module):
             return _gpu_function(self.kind) or fallback
         return fallback
 
+    def _run_fused(self, function: type, x: torch.Tensor, parameter: torch.Tensor, *rest) -> torch.Tensor:
+        """A fused Function on x; its bare forward values where autograd has nothing to record (inference, frozen
+        weights): a custom Function's bookkeeping costs about as much as the math on decode-size inputs."""
+        if torch.is_grad_enabled() and (x.requires_grad or parameter.requires_grad or self.weight.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            return function.apply(x, parameter, self.weight, self.bias, *rest)
+        return function.values(x, parameter, self.weight, self.bias, *rest)
+
     def __init__(self, channels: int, *, bias: bool = False):
         super().__init__()
         self.channels = channels
@@ -246,7 +265,7 @@ class DyT(_ElementwiseNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return self._fused_function(x, FusedDyT).apply(x, self.alpha, self.weight, self.bias)
+            return self._run_fused(self._fused_function(x, FusedDyT), x, self.alpha)
         return dyt(x, self.alpha, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -303,12 +322,12 @@ class DyISRU(_ElementwiseNorm):
         return {**spec, "anchor_scale": self.anchor_scale} if self.anchor_scale != 1.0 else spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.anchors.numel() == 0:
-            return self._fused_function(x, FusedDyISRU).apply(x, self.kappa, self.weight, self.bias)
-        if self.fused:  # the anchored form: the PyTorch Function on every device (the kernels are pure only)
-            coupling = (self.anchor_weight.to(compute_dtype(x)), self.anchor_scale)
-            return FusedDyISRU.apply(x, self.kappa, self.weight, self.bias, self.anchors, coupling)
-        return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight, self.anchor_scale)
+        if not self.fused:
+            return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight, self.anchor_scale)
+        if self.anchors.numel() == 0:
+            return self._run_fused(self._fused_function(x, FusedDyISRU), x, self.kappa)
+        # the anchored form: the PyTorch Function on every device (the kernels are pure only)
+        return self._run_fused(FusedDyISRU, x, self.kappa, self.anchors, (self.anchor_weight, self.anchor_scale))
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, per_channel={self.per_channel}, bias={self.bias is not None}, "

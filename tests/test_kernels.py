@@ -42,6 +42,7 @@ def test_kernel_matches_reference_in_value_and_gradient(kind, dtype, per_channel
     bias = bias.to(DEVICE) if bias is not None else None
 
     got = _run(kernel.apply, x, parameter, weight, bias, grad)
+    assert torch.equal(kernel.values(x, parameter, weight, bias), got[0])  # the no-autograd path (inference)
     # the truth: the reference formula in fp64 on the same (rounded) inputs
     truth = _run(reference, x.double(), parameter.double(), weight.double(),
                  bias.double() if bias is not None else None, grad.double())

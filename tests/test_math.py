@@ -173,3 +173,27 @@ def test_fused_and_reference_agree_in_value_and_gradient(kind, dtype):
     torch.testing.assert_close(gx1, gx2, **tolerance)
     for a, b in zip(gp1, gp2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_runs_the_fused_math_without_autograd_and_gives_the_same_values(kind, dtype):
+    """Where nothing needs a gradient the modules skip the autograd Function (its bookkeeping costs as much as the
+    math at decode sizes): same values bit for bit, no graph; any input or parameter that needs a gradient gets one."""
+    torch.manual_seed(3)
+    module = {"dyisru": lambda: DyISRU(C, kappa=30.0, bias=True),
+              "anchored": lambda: DyISRU(C, kappa=30.0, bias=True, anchors=[4, 9], anchor_scale=0.5),
+              "dyt": lambda: DyT(C, alpha=0.2, bias=True)}[kind]()
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 2.0)
+        module.bias.normal_()
+    x = (torch.randn(2, 3, C) * 5).to(dtype)
+    tracked = module(x)
+    assert tracked.grad_fn is not None and "Fused" in type(tracked.grad_fn).__name__
+    with torch.inference_mode():
+        untracked = module(x)
+    assert untracked.grad_fn is None
+    assert torch.equal(untracked, tracked.detach())
+    module.requires_grad_(False)
+    assert module(x).grad_fn is None  # frozen and no input gradient: nothing to record
+    assert module(x.clone().requires_grad_()).grad_fn is not None
