@@ -133,10 +133,43 @@ def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool, device: str) -> l
     return rows
 
 
+def norm_inputs(model: nn.Module, ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Each norm site of `model` with the input it gets in a forward of ids, in call order."""
+    captured = []
+    hooks = [model.get_submodule(site.name).register_forward_pre_hook(
+        lambda module, args, name=site.name: captured.append((name, args[0])))
+        for site in hf_dynorm.find_norm_sites(model)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def bench_model_norms(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Seconds per forward that each model spends in its norm layers: all of them called on the inputs they get in
+    the original's forward of ids, the models interleaved. Measured apart, because inside the forward the other
+    ~99% of the time drowns their difference in run-to-run noise."""
+    inputs = norm_inputs(models["original"], ids)
+
+    def norms(model):
+        modules = [(model.get_submodule(name), x) for name, x in inputs]
+
+        def call():
+            with torch.no_grad():
+                for module, x in modules:
+                    module(x)
+
+        return call
+
+    return interleaved_medians({name: norms(model) for name, model in models.items()}, repeats)
+
+
 def bench_model(repeats: int) -> list[dict]:
     """Tokens/s of SmolLM2-135M original against converted: a forward and a training step of 2 x 256 tokens, and
     greedy generation of 32 tokens after a 32-token prompt (decode: one token per forward, where per-call overhead
-    counts). "original (copy)" is an A/A control: its spread is the noise floor of the ratios."""
+    counts). "original (copy)" is an A/A control: its spread is the noise floor of the ratios. The time each model
+    spends in its norm layers is measured apart (bench_model_norms)."""
     # every model a copy: a model fresh from load_model can hold its weights in memory that runs measurably slower
     # (the A/A control read 1.08-1.12x against it) than the copies it is compared with
     original = copy.deepcopy(hf_dynorm.load_model("smollm2-135m"))
@@ -166,9 +199,12 @@ def bench_model(repeats: int) -> list[dict]:
         passes[name, "forward"], passes[name, "train_step"], passes[name, "generate"] = forward, train_step, generate
     times = interleaved_times(passes, repeats, warmup=1)
     tokens = {"forward": ids.numel(), "train_step": ids.numel(), "generate": new_tokens}
+    norm_seconds = bench_model_norms(models, ids, 10 * repeats)
+    original_forward = statistics.median(times["original", "forward"])
     rows = []
     for name in models:
-        row = {"model": name}
+        row = {"model": name, "norm_layers_ms_per_forward": 1e3 * norm_seconds[name],
+               "norm_layers_share_of_original_forward": norm_seconds[name] / original_forward}
         for kind, count in tokens.items():
             row[f"{kind}_tokens_per_s"] = count / statistics.median(times[name, kind])
             row[f"{kind}_ratio"], row[f"{kind}_ratio_q1"], row[f"{kind}_ratio_q3"] = paired_speedups(
@@ -285,6 +321,10 @@ def report(results: dict) -> str:
                 r[f"{kind}_tokens_per_s"],
                 f"{r[f'{kind}_ratio']:.3f} [{r[f'{kind}_ratio_q1']:.3f}, {r[f'{kind}_ratio_q3']:.3f}]"))]
              for r in results["model"]]))
+        lines.append("\nNorm layers alone (every one called on the inputs of the original's 2 x 256 forward), ms per "
+                     "forward and share of the original's forward: " + ", ".join(
+                         f"{r['model']} {r['norm_layers_ms_per_forward']:.2f} "
+                         f"({100 * r['norm_layers_share_of_original_forward']:.2f}%)" for r in results["model"]))
     if results.get("pipeline"):
         p = results["pipeline"]
         lines.append("\n## Pipeline (SmolLM2-135M, wiki-sample)\n")
