@@ -3,10 +3,11 @@
     python benchmarks/run.py [--quick] [--no-compile] [--skip model,pipeline,distill] [--out benchmarks/results]
 
 Op level: HF's eager RMSNorm and nn.LayerNorm against DyT and DyISRU (reference, fused, torch.compile) and anchored
-DyISRU (16 anchors; reference, fused), forward and forward+backward, three shapes, fp32 and bf16. Model level:
-SmolLM2-135M original against converted (and an A/A copy of the original), forward, a training step, generation.
-Pipeline: calibration, evaluation against a plain forward loop, outlier-fidelity hook overhead. Distillation: a step
-per mode, run first (subprocesses: each reports its own peak memory). Times are medians of repeats.
+DyISRU (16 anchors; reference, fused), forward and forward+backward, three shapes and a decode step, fp32 and bf16.
+Model level: SmolLM2-135M original against converted (and an A/A copy of the original), forward, a training step,
+generation, and the norm layers alone. Pipeline: calibration, evaluation against a plain forward loop,
+outlier-fidelity hook overhead. Distillation: a step per mode, run first (subprocesses: each reports its own peak
+memory). Times are medians of repeats.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from hf_dynorm.allocator import pin_malloc_thresholds
 from hf_dynorm.modeling_dynorm import DyISRU, DyT
 from hf_dynorm.reports import markdown_table
 
-SHAPES = ((8, 512, 576), (4, 2048, 2048), (2, 2048, 4096))
+# the issue's three shapes, then one decode step of SmolLM2 (a token at a time: per-call overhead is all there is)
+SHAPES = ((8, 512, 576), (4, 2048, 2048), (2, 2048, 4096), (1, 1, 576))
 
 
 def interleaved_times(functions: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -102,24 +104,27 @@ def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool, device: str) -> l
             x = torch.randn(shape, dtype=dtype, device=device) * 3
             grad = torch.randn(shape, dtype=dtype, device=device)
             inputs = x.clone().requires_grad_()
+            calls = min(200, max(1, 2**20 // x.numel()))  # small shapes: time a batch of calls, not one
             passes = {}
             for name, module in op_candidates(shape[-1], compile_ops, device).items():
                 module = module.to(dtype).to(device)
 
                 def forward(module=module):
                     with torch.no_grad():
-                        module(x)
+                        for _ in range(calls):
+                            module(x)
 
                 def forward_backward(module=module):
-                    inputs.grad = None
-                    module(inputs).backward(grad)
+                    for _ in range(calls):
+                        inputs.grad = None
+                        module(inputs).backward(grad)
 
                 passes[name, "forward"], passes[name, "forward_backward"] = forward, forward_backward
             seconds = interleaved_medians(passes, repeats)
             for name in dict.fromkeys(name for name, _ in passes):
                 rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "op": name,
-                             "forward_ms": 1e3 * seconds[name, "forward"],
-                             "forward_backward_ms": 1e3 * seconds[name, "forward_backward"]})
+                             "forward_ms": 1e3 * seconds[name, "forward"] / calls,
+                             "forward_backward_ms": 1e3 * seconds[name, "forward_backward"] / calls})
                 # the least memory traffic possible: x in and y out forward; x, grad in and dx out backward
                 size = x.numel() * x.element_size()
                 rows[-1]["forward_gb_per_s"] = 2 * size / rows[-1]["forward_ms"] / 1e6
@@ -305,7 +310,7 @@ def report(results: dict) -> str:
         base = {(tuple(r["shape"]), r["dtype"]): r for r in results["ops"] if r["op"] == "rmsnorm_eager"}
         lines.append(markdown_table(header, sorted(rows)))
         lines.append("\nHF eager RMSNorm itself (ms, forward / forward+backward): " + ", ".join(
-            f"{shape} {dtype}: {r['forward_ms']:.2f} / {r['forward_backward_ms']:.2f}"
+            f"{shape} {dtype}: {r['forward_ms']:.3g} / {r['forward_backward_ms']:.3g}"
             for (shape, dtype), r in sorted(base.items())) + "\n")
         fused = [r for r in results["ops"] if r["op"].endswith(("_fused", "_triton"))]
         lines.append("Effective memory bandwidth of the fused paths (GB/s, forward / forward+backward, counting "
