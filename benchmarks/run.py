@@ -175,8 +175,7 @@ def bench_model(repeats: int) -> list[dict]:
     greedy generation of 32 tokens after a 32-token prompt (decode: one token per forward, where per-call overhead
     counts). "original (copy)" is an A/A control: its spread is the noise floor of the ratios. The time each model
     spends in its norm layers is measured apart (bench_model_norms)."""
-    # every model a copy: a model fresh from load_model can hold its weights in memory that runs measurably slower
-    # (the A/A control read 1.08-1.12x against it) than the copies it is compared with
+    # every model a deep copy, so that all hold their weights in memory allocated the same way
     original = copy.deepcopy(hf_dynorm.load_model("smollm2-135m"))
     recipe_anchors = list(range(8, 576, 36))  # 16 channels per site as the shipped recipe (which ones costs the same)
     models = {"original": original, "original (copy)": copy.deepcopy(original),
