@@ -102,20 +102,22 @@ def _saved_inputs(ctx, grad):
 
 
 def _dyisru_denominator(xf, k, anchors, anchor_coupling):
-    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, the part of it that every channel of a row
-    shares (kappa, plus the coupled term with anchors) and the anchor columns of x (None without anchors).
+    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, the anchors' coupled term per row (before
+    its anchor_scale) and the anchor columns of x (None, None without anchors).
 
     The coupled term is ``c sum_{a in anchors} x_a^2`` with c = anchor_weight * anchor_scale, and an anchor's own
     square counts only through it (its x_i^2 is taken out again with weight anchor_weight): see `dyisru`.
     """
+    denominator = torch.addcmul(k, xf, xf)
     if anchors is None:
-        return torch.addcmul(k, xf, xf), k, None
+        return denominator, None, None
     weight, scale = anchor_coupling
+    # gathered after the full pass above, while x is in cache: from cold memory the gather alone costs about a pass
     anchor_values = xf.index_select(-1, anchors)
     anchor_squares = anchor_values.square()
-    shared = torch.addcmul(k, anchor_squares.sum(-1, keepdim=True), weight, value=scale)
-    denominator = torch.addcmul(shared, xf, xf)
-    return denominator.index_add_(-1, anchors, anchor_squares.mul_(weight), alpha=-1), shared, anchor_values
+    coupled = anchor_squares.sum(-1, keepdim=True).mul_(weight)
+    denominator.add_(coupled, alpha=scale).index_add_(-1, anchors, anchor_squares.mul_(weight), alpha=-1)
+    return denominator, coupled, anchor_values
 
 
 class FusedDyISRU(torch.autograd.Function):
@@ -142,18 +144,20 @@ class FusedDyISRU(torch.autograd.Function):
     def backward(ctx, grad):
         x, kappa, weight, xf, g, k, w = _saved_inputs(ctx, grad)
         anchors, anchor_coupling = ctx.anchors, ctx.anchor_coupling
-        denominator, shared, anchor_values = _dyisru_denominator(xf, k, anchors, anchor_coupling)
+        denominator, coupled, anchor_values = _dyisru_denominator(xf, k, anchors, anchor_coupling)
         r = denominator.rsqrt_()
         g_r = g * r
         grad_weight = _sum_rows(g_r * xf)  # sum of g x r
         g_r3 = g_r.mul_(r.square_())  # g r^3
         g_r3_x = torch.mul(g_r3, xf, out=r)
         grad_kappa = -0.5 * w * _sum_rows(g_r3_x)  # d/dkappa x r = -x r^3 / 2
-        # d y_i / d x_i = w r^3 (denominator - x_i^2 d(denominator)/d(x_i^2)) = w r^3 (kappa + coupled)
-        grad_x = g_r3.mul_(w * shared) if anchors is None else g_r3.mul_(w).mul_(shared)
-        if anchors is not None:  # each anchor's square also sits in every channel's denominator of its row
-            pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
+        # d y_i / d x_i = w r^3 (denominator - x_i^2 d(denominator)/d(x_i^2)) = w r^3 (kappa + the coupled term)
+        if anchors is None:
+            grad_x = g_r3.mul_(w * k)
+        else:  # each anchor's square also sits in every channel's denominator of its row
             anchor_weight, anchor_scale = anchor_coupling
+            grad_x = g_r3.mul_(w).mul_(torch.add(k, coupled, alpha=anchor_scale))
+            pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
             grad_x.index_add_(-1, anchors, anchor_values.mul_(pull).mul_(anchor_weight), alpha=-anchor_scale)
         grad_bias = _sum_rows(g).to(weight.dtype) if ctx.has_bias else None
         return (grad_x.to(x.dtype), _parameter_grad(grad_kappa, kappa), grad_weight.to(weight.dtype), grad_bias,
