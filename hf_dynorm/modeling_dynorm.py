@@ -122,7 +122,7 @@ def _dyisru_denominator(xf, k, anchors, anchor_coupling):
 
 class FusedDyISRU(torch.autograd.Function):
     """Pure or anchored DyISRU; ``anchors`` (channel indices) with ``anchor_coupling`` = (anchor_weight,
-    anchor_scale) gives the anchored form, in the same number of full-size passes as the pure one."""
+    anchor_scale) gives the anchored form, with one full-size pass more than the pure one (the coupled term)."""
 
     @staticmethod
     def values(x, kappa, weight, bias, anchors=None, anchor_coupling=None):

@@ -146,16 +146,22 @@ def test_fused_dyt_is_tanh_within_fp32_rounding():
     assert error < 2e-7
 
 
+def _module_with_random_affine(kind: str, *, kappa: float, alpha: float, anchors: list[int]) -> torch.nn.Module:
+    """DyISRU, anchored DyISRU (anchor_scale 0.5) or DyT, with weight in [0.5, 2) and a random bias."""
+    module = {"dyisru": lambda: DyISRU(C, kappa=kappa, bias=True),
+              "anchored": lambda: DyISRU(C, kappa=kappa, bias=True, anchors=anchors, anchor_scale=0.5),
+              "dyt": lambda: DyT(C, alpha=alpha, bias=True)}[kind]()
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 2.0)
+        module.bias.normal_()
+    return module
+
+
 @pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_and_reference_agree_in_value_and_gradient(kind, dtype):
     torch.manual_seed(1)
-    module = {"dyisru": lambda: DyISRU(C, kappa=900.0, bias=True),
-              "anchored": lambda: DyISRU(C, kappa=900.0, bias=True, anchors=[0, 7], anchor_scale=0.5),
-              "dyt": lambda: DyT(C, alpha=0.02, bias=True)}[kind]()
-    with torch.no_grad():
-        module.weight.uniform_(0.5, 2.0)
-        module.bias.normal_()
+    module = _module_with_random_affine(kind, kappa=900.0, alpha=0.02, anchors=[0, 7])
     x = torch.randn(4, 6, C) * 30
     x[0, 0, :3] = torch.tensor([6e4, -6e4, 3e4])
     results = []
@@ -181,12 +187,7 @@ def test_inference_runs_the_fused_math_without_autograd_and_gives_the_same_value
     """Where nothing needs a gradient the modules skip the autograd Function (its bookkeeping costs as much as the
     math at decode sizes): same values bit for bit, no graph; any input or parameter that needs a gradient gets one."""
     torch.manual_seed(3)
-    module = {"dyisru": lambda: DyISRU(C, kappa=30.0, bias=True),
-              "anchored": lambda: DyISRU(C, kappa=30.0, bias=True, anchors=[4, 9], anchor_scale=0.5),
-              "dyt": lambda: DyT(C, alpha=0.2, bias=True)}[kind]()
-    with torch.no_grad():
-        module.weight.uniform_(0.5, 2.0)
-        module.bias.normal_()
+    module = _module_with_random_affine(kind, kappa=30.0, alpha=0.2, anchors=[4, 9])
     x = (torch.randn(2, 3, C) * 5).to(dtype)
     tracked = module(x)
     assert tracked.grad_fn is not None and "Fused" in type(tracked.grad_fn).__name__
