@@ -151,23 +151,29 @@ def norm_inputs(model: nn.Module, ids: torch.Tensor) -> list[tuple[str, torch.Te
     return captured
 
 
-def bench_model_norms(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Seconds per forward that each model spends in its norm layers: all of them called on the inputs they get in
-    the original's forward of ids, the models interleaved. Measured apart, because inside the forward the other
-    ~99% of the time drowns their difference in run-to-run noise."""
-    inputs = norm_inputs(models["original"], ids)
+def bench_model_norms(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
+    """Seconds that each model spends in its norm layers per forward of ids ("forward") and per decode step
+    ("decode"): all of them called on the inputs they get in the original's forward, the models interleaved. A
+    decode step's input is the last position of the first sequence (causal: what generation feeds that position).
+    Measured apart, because inside the forward the other ~99% of the time drowns their difference in run-to-run
+    noise."""
+    captured = norm_inputs(models["original"], ids)
+    steps = {"forward": captured, "decode": [(name, x[:1, -1:].contiguous()) for name, x in captured]}
+    seconds = {step: interleaved_medians({name: norm_layer_calls(model, inputs) for name, model in models.items()},
+                                         repeats) for step, inputs in steps.items()}
+    return {name: {step: seconds[step][name] for step in steps} for name in models}
 
-    def norms(model):
-        modules = [(model.get_submodule(name), x) for name, x in inputs]
 
-        def call():
-            with torch.no_grad():
-                for module, x in modules:
-                    module(x)
+def norm_layer_calls(model: nn.Module, inputs: list[tuple[str, torch.Tensor]]):
+    """A call of every norm layer of `model` on its input, without gradients."""
+    modules = [(model.get_submodule(name), x) for name, x in inputs]
 
-        return call
+    def call():
+        with torch.no_grad():
+            for module, x in modules:
+                module(x)
 
-    return interleaved_medians({name: norms(model) for name, model in models.items()}, repeats)
+    return call
 
 
 def bench_model(repeats: int) -> list[dict]:
@@ -204,11 +210,18 @@ def bench_model(repeats: int) -> list[dict]:
     times = interleaved_times(passes, repeats, warmup=1)
     tokens = {"forward": ids.numel(), "train_step": ids.numel(), "generate": new_tokens}
     norm_seconds = bench_model_norms(models, ids, 10 * repeats)
-    original_forward = statistics.median(times["original", "forward"])
+    # the original's time per forward and per decode step (a generated token, the prompt's prefill included)
+    original = {"forward": statistics.median(times["original", "forward"]),
+                "decode": statistics.median(times["original", "generate"]) / new_tokens}
     rows = []
     for name in models:
-        row = {"model": name, "norm_layers_ms_per_forward": 1e3 * norm_seconds[name],
-               "norm_layers_share_of_original_forward": norm_seconds[name] / original_forward}
+        row = {"model": name}
+        for step, seconds in original.items():
+            # the whole-model ratio that swapping the norm layers' time alone implies (above 1 is faster)
+            norm_time, original_norm_time = norm_seconds[name][step], norm_seconds["original"][step]
+            row |= {f"norm_layers_ms_per_{step}": 1e3 * norm_time,
+                    f"norm_layers_share_of_original_{step}": norm_time / seconds,
+                    f"expected_{step}_ratio": seconds / (seconds - original_norm_time + norm_time)}
         for kind, count in tokens.items():
             row[f"{kind}_tokens_per_s"] = count / statistics.median(times[name, kind])
             row[f"{kind}_ratio"], row[f"{kind}_ratio_q1"], row[f"{kind}_ratio_q3"] = paired_speedups(
@@ -325,10 +338,16 @@ def report(results: dict) -> str:
                 r[f"{kind}_tokens_per_s"],
                 f"{r[f'{kind}_ratio']:.3f} [{r[f'{kind}_ratio_q1']:.3f}, {r[f'{kind}_ratio_q3']:.3f}]"))]
              for r in results["model"]]))
-        lines.append("\nNorm layers alone (every one called on the inputs of the original's 2 x 256 forward), ms per "
-                     "forward and share of the original's forward: " + ", ".join(
-                         f"{r['model']} {r['norm_layers_ms_per_forward']:.2f} "
-                         f"({100 * r['norm_layers_share_of_original_forward']:.2f}%)" for r in results["model"]))
+        lines.append("\nNorm layers alone, every one called on the inputs of the original's 2 x 256 forward (for a "
+                     "decode step: on its last position): ms, share of the original's time, and the whole-model "
+                     "ratio that their time implies (above 1 is faster)\n")
+        steps = {"forward": "per 2 x 256 forward", "decode": "per decode step"}
+        lines.append(markdown_table(
+            ["model", *(f"{what} {label}" for label in steps.values()
+                        for what in ("norm layers ms", "share", "expected ratio"))],
+            [[r["model"], *(cell for step in steps for cell in (
+                f"{r[f'norm_layers_ms_per_{step}']:.3g}", f"{100 * r[f'norm_layers_share_of_original_{step}']:.2f}%",
+                f"{r[f'expected_{step}_ratio']:.4f}"))] for r in results["model"]]))
     if results.get("pipeline"):
         p = results["pipeline"]
         lines.append("\n## Pipeline (SmolLM2-135M, wiki-sample)\n")
