@@ -86,11 +86,12 @@ def op_candidates(channels: int, compile_ops: bool, device: str) -> dict[str, nn
                   "dyt_reference": variant(dyt_module, fused=False), "dyt_fused": variant(dyt_module, triton=False),
                   "dyisru_reference": variant(dyisru_module, fused=False),
                   "dyisru_fused": variant(dyisru_module, triton=False)}
-    # anchored DyISRU as the SmolLM2 recipe ships it: 16 coupled channels (a PyTorch Function on every device)
+    # anchored DyISRU as the SmolLM2 recipe ships it: 16 coupled channels
     anchored = DyISRU(channels, kappa=float(channels), anchors=torch.arange(0, channels, channels // 16)[:16])
-    candidates.update(anchored16_reference=variant(anchored, fused=False), anchored16_fused=anchored)
-    if device == "cuda":  # the default fused path on a GPU: hf_dynorm's Triton kernels
-        candidates.update(dyt_triton=dyt_module, dyisru_triton=dyisru_module)
+    candidates.update(anchored16_reference=variant(anchored, fused=False),
+                      anchored16_fused=variant(anchored, triton=False))
+    if device == "cuda":  # the default fused path on a GPU: hf_dynorm's Triton kernels (anchored: forward only)
+        candidates.update(dyt_triton=dyt_module, dyisru_triton=dyisru_module, anchored16_triton=anchored)
     if compile_ops:  # what torch.compile(model) makes of the default modules
         candidates.update(dyt_compiled=torch.compile(copy.deepcopy(dyt_module), dynamic=False),
                           dyisru_compiled=torch.compile(copy.deepcopy(dyisru_module), dynamic=False))

@@ -15,17 +15,19 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_dynorm.modeling_dynorm import FusedDyISRU
+
 BLOCK_ROWS = 16
 BLOCK_C = 128
 
 
 @triton.jit
 def _tile(rows, channels, stride, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Offsets and mask of this program's tile."""
+    """Offsets, rows, columns and mask of this program's tile."""
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (row[:, None] < rows) & (col[None, :] < channels)
-    return row[:, None] * stride + col[None, :], col, mask
+    return row[:, None] * stride + col[None, :], row, col, mask
 
 
 @triton.jit
@@ -45,27 +47,52 @@ def _tanh(z):
 
 
 @triton.jit
-def _forward_kernel(X, Y, P, W, B, rows, channels, stride, IS_DYT: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    offsets, col, mask = _tile(rows, channels, stride, BLOCK_ROWS, BLOCK_C)
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    p = _channel_values(P, col, channels, PER_CHANNEL)
-    w = tl.load(W + col, mask=col < channels, other=0.0).to(tl.float32)[None, :]
-    if IS_DYT:
-        response = _tanh(p * x)  # p = alpha
-    else:
-        response = x / tl.sqrt(p + x * x)  # p = kappa
-    y = w * response
+def _store_output(Y, W, B, response, offsets, col, mask, channels, HAS_BIAS: tl.constexpr):
+    """weight * response (+ bias), stored in Y's dtype."""
+    y = tl.load(W + col, mask=col < channels, other=0.0).to(tl.float32)[None, :] * response
     if HAS_BIAS:
         y += tl.load(B + col, mask=col < channels, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _forward_kernel(X, Y, P, W, B, rows, channels, stride, IS_DYT: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, _, col, mask = _tile(rows, channels, stride, BLOCK_ROWS, BLOCK_C)
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    p = _channel_values(P, col, channels, PER_CHANNEL)
+    if IS_DYT:
+        response = _tanh(p * x)  # p = alpha
+    else:
+        response = x / tl.sqrt(p + x * x)  # p = kappa
+    _store_output(Y, W, B, response, offsets, col, mask, channels, HAS_BIAS)
+
+
+@triton.jit
+def _anchored_forward_kernel(X, Y, P, W, B, A, AW, rows, channels, stride, anchor_count, anchor_scale,
+                             PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Anchored DyISRU (modeling_dynorm.dyisru): each tile loads its rows' few anchor entries for the coupled
+    term, so the whole function is still one pass over x."""
+    offsets, row, col, mask = _tile(rows, channels, stride, BLOCK_ROWS, BLOCK_C)
+    slot = tl.arange(0, BLOCK_A)
+    anchors = tl.load(A + slot, mask=slot < anchor_count, other=-1)
+    anchor_mask = (row[:, None] < rows) & (anchors[None, :] >= 0)
+    x_anchors = tl.load(X + row[:, None] * stride + anchors[None, :], mask=anchor_mask, other=0.0).to(tl.float32)
+    anchor_weight = tl.load(AW).to(tl.float32)
+    coupled = anchor_scale * anchor_weight * tl.sum(x_anchors * x_anchors, 1)
+    is_anchor = tl.sum((col[:, None] == anchors[None, :]).to(tl.float32), 1)
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    own_square = x * x * (1.0 - anchor_weight * is_anchor[None, :])  # an anchor's own square counts via coupled
+    denominator = _channel_values(P, col, channels, PER_CHANNEL) + coupled[:, None] + own_square
+    _store_output(Y, W, B, x / tl.sqrt(denominator), offsets, col, mask, channels, HAS_BIAS)
+
+
+@triton.jit
 def _backward_kernel(X, G, DX, P, W, DP, DW, DB, rows, channels, stride, IS_DYT: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                      BLOCK_C: tl.constexpr):
-    offsets, col, mask = _tile(rows, channels, stride, BLOCK_ROWS, BLOCK_C)
+    offsets, _, col, mask = _tile(rows, channels, stride, BLOCK_ROWS, BLOCK_C)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
     p = _channel_values(P, col, channels, PER_CHANNEL)
@@ -150,7 +177,29 @@ def _autograd_function(name: str, is_dyt: bool, doc: str) -> type:
     return type(name, (torch.autograd.Function,), members)
 
 
+def _anchored_values(x, kappa, weight, bias, anchors, anchor_coupling):
+    """Anchored DyISRU's forward values (modeling_dynorm.FusedDyISRU.values with anchors) in one kernel."""
+    anchor_weight, anchor_scale = anchor_coupling
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    rows, channels = x2.shape
+    y = torch.empty_like(x2)
+    _anchored_forward_kernel[_launch_grid(rows, channels)](
+        x2, y, kappa.contiguous(), weight.contiguous(), bias if bias is not None else weight, anchors.contiguous(),
+        anchor_weight, rows, channels, x2.stride(0), anchors.numel(), float(anchor_scale),
+        PER_CHANNEL=kappa.numel() > 1, HAS_BIAS=bias is not None, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C,
+        BLOCK_A=triton.next_power_of_2(anchors.numel()))
+    return y.view(x.shape)
+
+
 TritonDyISRU = _autograd_function("TritonDyISRU", False, "weight * x / sqrt(kappa + x^2) + bias")
 TritonDyT = _autograd_function("TritonDyT", True, "weight * tanh(alpha * x) + bias")
 
-FUNCTIONS = {"dyisru": TritonDyISRU, "dyt": TritonDyT}
+
+class TritonAnchoredDyISRU(FusedDyISRU):
+    """Anchored DyISRU whose forward values (inference: nothing needs a gradient) run one kernel where the PyTorch
+    path launches about a dozen; with autograd it is FusedDyISRU (the coupled gradient stays in PyTorch)."""
+
+    values = staticmethod(_anchored_values)
+
+
+FUNCTIONS = {"dyisru": TritonDyISRU, "dyt": TritonDyT, "dyisru_anchored": TritonAnchoredDyISRU}

@@ -228,9 +228,11 @@ class _ElementwiseNorm(nn.Module):
     fused = True
     triton = True
 
-    def _fused_function(self, x: torch.Tensor, fallback: type) -> type:
+    def _fused_function(self, x: torch.Tensor, fallback: type, kind: str | None = None) -> type:
+        """The Triton Function of `kind` (default: the module's) for CUDA tensors where there is one, else
+        `fallback`."""
         if self.triton and x.is_cuda and x.dtype != torch.float64:
-            return _gpu_function(self.kind) or fallback
+            return _gpu_function(kind or self.kind) or fallback
         return fallback
 
     def _run_fused(self, function: type, x: torch.Tensor, parameter: torch.Tensor, *rest) -> torch.Tensor:
@@ -336,8 +338,9 @@ class DyISRU(_ElementwiseNorm):
             return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight, self.anchor_scale)
         if self.anchors.numel() == 0:
             return self._run_fused(self._fused_function(x, FusedDyISRU), x, self.kappa)
-        # the anchored form: the PyTorch Function on every device (the kernels are pure only)
-        return self._run_fused(FusedDyISRU, x, self.kappa, self.anchors, (self.anchor_weight, self.anchor_scale))
+        # the anchored form: one Triton kernel for its forward values on CUDA (inference), else the PyTorch Function
+        function = self._fused_function(x, FusedDyISRU, "dyisru_anchored")
+        return self._run_fused(function, x, self.kappa, self.anchors, (self.anchor_weight, self.anchor_scale))
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, per_channel={self.per_channel}, bias={self.bias is not None}, "

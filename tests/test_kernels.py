@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and Triton's interpreter is off (tests/conftest.py turns it on)", allow_module_level=True)
 
-from hf_dynorm.kernels import TritonDyISRU, TritonDyT  # noqa: E402
+from hf_dynorm.kernels import TritonAnchoredDyISRU, TritonDyISRU, TritonDyT  # noqa: E402
 from hf_dynorm.modeling_dynorm import _gpu_function, dyisru, dyt  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -17,10 +17,10 @@ C = 200  # not a multiple of the 128-channel tile; 21 rows are not a multiple of
 CASES = {"dyisru": (TritonDyISRU, dyisru, 900.0), "dyt": (TritonDyT, dyt, 0.02)}
 
 
-def _run(function, x, parameter, weight, bias, grad):
+def _run(function, x, parameter, weight, bias, grad, *rest):
     inputs = [x, parameter, weight] + ([bias] if bias is not None else [])
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    y = function(*inputs, *([None] if bias is None else []))
+    y = function(*inputs, *([None] if bias is None else []), *rest)
     return (y, *torch.autograd.grad(y, inputs, grad))
 
 
@@ -55,10 +55,40 @@ def test_kernel_matches_reference_in_value_and_gradient(kind, dtype, per_channel
         assert (a.double() - b).abs().max().item() <= tolerance, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("anchor_weight", "anchor_scale"), [(1.0, 1.0), (0.4, 0.3), (0.0, 1.0)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_anchored_kernel_matches_reference_values(dtype, anchor_weight, anchor_scale, per_channel):
+    generator = torch.Generator().manual_seed(0)
+    anchors = torch.tensor([0, 5, 127, 130, 199])  # first and last channel, both sides of the tile edge; 5: padded
+    x = torch.randn(3, 7, C, generator=generator) * 30
+    x[0, 0, :3] = torch.tensor([6e4, -6e4, 3e4])  # fp16's range, in an anchor and in ordinary channels
+    x[1, 2, 130] = -2e4  # a massive activation in an anchor channel
+    kappa = 900.0 * (torch.rand(C if per_channel else 1, generator=generator) + 0.5)
+    weight, bias = torch.rand(C, generator=generator) + 0.5, torch.randn(C, generator=generator)
+    x, kappa, weight, bias, anchors = (t.to(DEVICE) for t in (x.to(dtype), kappa, weight, bias, anchors))
+    coupling = (torch.tensor(anchor_weight, device=DEVICE), anchor_scale)
+
+    got = TritonAnchoredDyISRU.values(x, kappa, weight, bias, anchors, coupling)
+    truth = dyisru(x.double(), kappa.double(), weight.double(), bias.double(), anchors, anchor_weight, anchor_scale)
+    assert got.dtype == dtype and got.shape == x.shape
+    tolerance = (1e-2 if dtype != torch.float32 else 1e-5) * truth.abs().max().item()
+    assert (got.double() - truth).abs().max().item() <= tolerance
+
+    # with autograd it is the PyTorch Function: the same values and gradients
+    from hf_dynorm.modeling_dynorm import FusedDyISRU
+
+    grad = torch.randn(x.shape, generator=generator).to(x)
+    tracked = [_run(function.apply, x, kappa, weight, bias, grad, anchors, coupling)
+               for function in (TritonAnchoredDyISRU, FusedDyISRU)]
+    assert all(torch.equal(a, b) for a, b in zip(*tracked))
+
+
 def test_modules_pick_the_kernels_for_gpu_tensors_only():
     from hf_dynorm import DyISRU
 
     assert _gpu_function("dyisru") is TritonDyISRU and _gpu_function("dyt") is TritonDyT
+    assert _gpu_function("dyisru_anchored") is TritonAnchoredDyISRU
     module = DyISRU(8, kappa=10.0)
     from hf_dynorm.modeling_dynorm import FusedDyISRU
 
