@@ -1,4 +1,5 @@
-"""Triton kernels for DyISRU and DyT on GPUs: one pass forward, one pass backward, fp32 compute, any float I/O.
+"""Triton kernels for DyISRU and DyT on GPUs: one pass forward, one pass backward, fp32 compute, any float I/O; and
+anchored DyISRU's forward (its inference path; its backward stays the PyTorch Function's).
 
 The modules call these for CUDA tensors when Triton is installed (`modeling_dynorm._gpu_function`); elsewhere they
 run the fused PyTorch Functions. On a CPU the same kernels run under Triton's interpreter (`TRITON_INTERPRET=1`
