@@ -30,6 +30,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import hf_dynorm
 from hf_dynorm.allocator import pin_malloc_thresholds
+from hf_dynorm.architectures import observing_norm_inputs
 from hf_dynorm.modeling_dynorm import DyISRU, DyT
 from hf_dynorm.reports import markdown_table
 
@@ -142,13 +143,10 @@ def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool, device: str) -> l
 def norm_inputs(model: nn.Module, ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """Each norm site of `model` with the input it gets in a forward of ids, in call order."""
     captured = []
-    hooks = [model.get_submodule(site.name).register_forward_pre_hook(
-        lambda module, args, name=site.name: captured.append((name, args[0])))
-        for site in hf_dynorm.find_norm_sites(model)]
-    with torch.no_grad():
+    observers = {site.name: lambda x, name=site.name: captured.append((name, x))
+                 for site in hf_dynorm.find_norm_sites(model)}
+    with torch.no_grad(), observing_norm_inputs(model, observers):
         model(input_ids=ids)
-    for hook in hooks:
-        hook.remove()
     return captured
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +154,19 @@ def find_norm_sites(model: nn.Module) -> list[NormSite]:
             "guessed from names and Gemma-style (1 + w) weights are not detected. Check them with `hf-dynorm info`.",
             model_type, len(sites), ", ".join(kinds) or "none")
     return sites
+
+
+@contextmanager
+def observing_norm_inputs(model: nn.Module, observers: dict[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+    """Within the block, every forward of `model` calls observers[name] with the input of the module `name` (a norm
+    site) before that module runs; the hooks are removed on the way out, errors included."""
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _, args, observe=observe: observe(args[0]))
+               for name, observe in observers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _generic_role(name: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import LAYER, NormSite, find_norm_sites
+from .architectures import LAYER, NormSite, find_norm_sites, observing_norm_inputs
 from .data import check_vocabulary, full_windows, token_stream
 from .modeling_dynorm import dyisru, dyt
 
@@ -234,16 +234,11 @@ def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite
     sites = sites if sites is not None else find_norm_sites(model)
     generator = torch.Generator().manual_seed(seed)
     stats = {site.name: SiteStatistics(site, rows, token_capacity, generator) for site in sites}
-    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda _, args, s=s: s.update(args[0]))
-             for name, s in stats.items()]
     device = next(model.parameters()).device
-    try:
+    with observing_norm_inputs(model, {name: s.update for name, s in stats.items()}):
         for first in tqdm(range(0, len(batches), batch_size), desc="calibration", unit="batch",
                           disable=not progress):
             model(input_ids=batches[first:first + batch_size].to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
     label = label or (data if isinstance(data, str) else f"{type(data).__name__} of {ids.numel()} tokens")
     return Calibration({name: _finalise(model, s, sink_ratio) for name, s in stats.items()},
                        tokens=batches.numel(), windows=len(batches), window=window, data=label)

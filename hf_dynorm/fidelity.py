@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import find_norm_sites
+from .architectures import find_norm_sites, observing_norm_inputs
 from .data import check_vocabulary, full_windows
 
 ERROR_KINDS = ("all", "outlier_elements", "outlier_tokens", "saturated")
@@ -114,21 +114,16 @@ def outlier_fidelity(model, ids: torch.Tensor, *, reference=None, calibration=No
     check_vocabulary(ids, model)
     fidelity = {name: SiteFidelity(element_k, token_m, topk, keep_points) for name in originals}
 
-    def hook(name):  # .forward, not __call__: a candidate may be the hooked module itself
-        def record(module, args):
-            x = args[0]
+    def observer(name):  # .forward, not __call__: a candidate may be the hooked module itself
+        def record(x):
             outputs = {label: candidate.forward(x) for label, candidate in candidates[name].items()}
             fidelity[name].update(x, originals[name].forward(x), outputs)
         return record
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in originals]
     batches = full_windows(ids, window, max_windows)
-    try:
+    with observing_norm_inputs(model, {name: observer(name) for name in originals}):
         for first in tqdm(range(0, len(batches), batch_size), desc="fidelity", disable=not progress):
             model(input_ids=batches[first:first + batch_size].to(next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
 
     labels = sorted({label for c in candidates.values() for label in c})
     per_site = {name: {"role": roles[name][0], "depth": roles[name][1],

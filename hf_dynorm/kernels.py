@@ -70,7 +70,7 @@ def _forward_kernel(X, Y, P, W, B, rows, channels, stride, IS_DYT: tl.constexpr,
 
 
 @triton.jit
-def _anchored_forward_kernel(X, Y, P, W, B, A, AW, rows, channels, stride, anchor_count, anchor_scale,
+def _anchored_forward_kernel(X, Y, P, W, B, rows, channels, stride, A, AW, anchor_count, anchor_scale,
                              PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr):
     """Anchored DyISRU (modeling_dynorm.dyisru): each tile loads its rows' few anchor entries for the coupled
@@ -124,21 +124,21 @@ def _launch_grid(rows: int, channels: int) -> tuple[int, int]:
     return triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(channels, BLOCK_C)
 
 
-def _forward_values(x, parameter, weight, bias, is_dyt: bool):
-    """y, and the contiguous (rows, C) x and parameters that backward reads."""
+def _launch_forward(kernel, x, parameter, weight, bias, *extra, **meta):
+    """A forward kernel over x seen as a (rows, C) matrix: y in x's shape, and the contiguous (rows, C) x and
+    parameters that backward reads. `extra` follows the shared arguments; `meta` adds constexprs."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    rows, channels = x2.shape
     y = torch.empty_like(x2)
     parameter, weight = parameter.contiguous(), weight.contiguous()
-    _forward_kernel[_launch_grid(rows, channels)](
-        x2, y, parameter, weight, bias if bias is not None else weight, rows, channels, x2.stride(0),
-        IS_DYT=is_dyt, PER_CHANNEL=parameter.numel() > 1, HAS_BIAS=bias is not None,
-        BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C)
+    kernel[_launch_grid(*x2.shape)](
+        x2, y, parameter, weight, bias if bias is not None else weight, *x2.shape, x2.stride(0), *extra,
+        PER_CHANNEL=parameter.numel() > 1, HAS_BIAS=bias is not None, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C,
+        **meta)
     return y.view(x.shape), x2, parameter, weight
 
 
 def _forward(ctx, x, parameter, weight, bias, is_dyt: bool):
-    y, x2, parameter, weight = _forward_values(x, parameter, weight, bias, is_dyt)
+    y, x2, parameter, weight = _launch_forward(_forward_kernel, x, parameter, weight, bias, IS_DYT=is_dyt)
     ctx.save_for_backward(x2, parameter, weight)
     ctx.has_bias, ctx.shape = bias is not None, x.shape
     return y
@@ -165,7 +165,7 @@ def _autograd_function(name: str, is_dyt: bool, doc: str) -> type:
     """An autograd Function over the kernels, with the signature of the matching modeling_dynorm.Fused* one."""
 
     def values(x, parameter, weight, bias):
-        return _forward_values(x, parameter, weight, bias, is_dyt)[0]
+        return _launch_forward(_forward_kernel, x, parameter, weight, bias, IS_DYT=is_dyt)[0]
 
     def forward(ctx, x, parameter, weight, bias):
         return _forward(ctx, x, parameter, weight, bias, is_dyt)
@@ -181,15 +181,8 @@ def _autograd_function(name: str, is_dyt: bool, doc: str) -> type:
 def _anchored_values(x, kappa, weight, bias, anchors, anchor_coupling):
     """Anchored DyISRU's forward values (modeling_dynorm.FusedDyISRU.values with anchors) in one kernel."""
     anchor_weight, anchor_scale = anchor_coupling
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    rows, channels = x2.shape
-    y = torch.empty_like(x2)
-    _anchored_forward_kernel[_launch_grid(rows, channels)](
-        x2, y, kappa.contiguous(), weight.contiguous(), bias if bias is not None else weight, anchors.contiguous(),
-        anchor_weight, rows, channels, x2.stride(0), anchors.numel(), float(anchor_scale),
-        PER_CHANNEL=kappa.numel() > 1, HAS_BIAS=bias is not None, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C,
-        BLOCK_A=triton.next_power_of_2(anchors.numel()))
-    return y.view(x.shape)
+    return _launch_forward(_anchored_forward_kernel, x, kappa, weight, bias, anchors.contiguous(), anchor_weight,
+                           anchors.numel(), float(anchor_scale), BLOCK_A=triton.next_power_of_2(anchors.numel()))[0]
 
 
 TritonDyISRU = _autograd_function("TritonDyISRU", False, "weight * x / sqrt(kappa + x^2) + bias")
