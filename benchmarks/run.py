@@ -3,7 +3,9 @@
     python benchmarks/run.py [--quick] [--no-compile] [--skip model,pipeline,distill] [--out benchmarks/results]
 
 Op level: HF's eager RMSNorm and nn.LayerNorm against DyT and DyISRU (reference, fused, torch.compile) and anchored
-DyISRU (16 anchors; reference, fused), forward and forward+backward, three shapes and a decode step, fp32 and bf16.
+DyISRU (16 anchors; reference, fused), forward and forward+backward, three shapes and a decode step, fp32 and bf16,
+with the fused paths' memory bandwidth against a plain copy timed in the same rounds. On a GPU the Triton kernels
+join, timed with CUDA events after an L2 flush, and the card's specified bandwidth is reported too.
 Model level: SmolLM2-135M original against converted (and an A/A copy of the original), forward, a training step,
 generation, and the norm layers alone. Pipeline: calibration, evaluation against a plain forward loop,
 outlier-fidelity hook overhead. Distillation: a step per mode, run first (subprocesses: each reports its own peak
@@ -35,14 +37,40 @@ from hf_dynorm.modeling_dynorm import DyISRU, DyT
 from hf_dynorm.reports import markdown_table
 
 # the issue's three shapes, then one decode step of SmolLM2 (a token at a time: per-call overhead is all there is)
-SHAPES = ((8, 512, 576), (4, 2048, 2048), (2, 2048, 4096), (1, 1, 576))
+DECODE_SHAPE = (1, 1, 576)
+SHAPES = ((8, 512, 576), (4, 2048, 2048), (2, 2048, 4096), DECODE_SHAPE)
 
 
-def interleaved_times(functions: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def host_timer(function) -> float:
+    """Seconds one call of function takes, by the host's clock (CPU work)."""
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def cuda_timer(flush_bytes: int = 2**30):
+    """Seconds one call takes on the GPU: events around the call, after a write of `flush_bytes` that evicts the
+    inputs from the L2 cache (an H200 holds 60 MB: the issue's largest bf16 input, 34 MB, would otherwise be read
+    from it) and keeps the GPU busy while the host queues the call, so that launch overhead stays out of a
+    kernel's time (what triton.testing.do_bench does)."""
+    flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(function) -> float:
+        flush.zero_()
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return timed
+
+
+def interleaved_times(functions: dict, repeats: int, warmup: int = 2, timer=host_timer) -> dict[str, list[float]]:
     """Seconds of each call of each function, timed round-robin (one call of each per round) so that a busy moment
     of the machine falls on all candidates alike instead of on whichever was being timed. Each round starts one
     candidate later than the one before, so that none always runs right after the same neighbour."""
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for function in functions.values():
         for _ in range(warmup):
             function()
@@ -51,16 +79,20 @@ def interleaved_times(functions: dict, repeats: int, warmup: int = 2) -> dict[st
     for round_ in range(repeats):
         shift = round_ % len(order)
         for name, function in order[shift:] + order[:shift]:
-            synchronize()
-            started = time.perf_counter()
-            function()
-            synchronize()
-            times[name].append(time.perf_counter() - started)
+            times[name].append(timer(function))
     return times
 
 
-def interleaved_medians(functions: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in interleaved_times(functions, repeats, warmup).items()}
+def interleaved_medians(functions: dict, repeats: int, warmup: int = 2, timer=host_timer) -> dict[str, float]:
+    return {name: statistics.median(values)
+            for name, values in interleaved_times(functions, repeats, warmup, timer).items()}
+
+
+def peak_memory_bandwidth_gb_per_s(properties) -> float | None:
+    """The card's memory bandwidth by its specification: memory clock (kHz) x 2 (double data rate) x bus width
+    (bits) / 8, e.g. 3352 GB/s for an H100 SXM (2619 MHz, 5120 bits); None where torch does not report them."""
+    clock_khz, bus_bits = getattr(properties, "memory_clock_rate", 0), getattr(properties, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
 def paired_speedups(times: list[float], baseline: list[float]) -> tuple[float, float, float]:
@@ -100,6 +132,9 @@ def op_candidates(channels: int, compile_ops: bool, device: str) -> dict[str, nn
 
 
 def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool, device: str) -> list[dict]:
+    """Each candidate's forward and forward+backward time per shape and dtype, with a plain copy of x timed in the
+    same rounds: the bandwidth a streaming op reaches on this device, the ceiling for the fused paths."""
+    timer = cuda_timer() if device == "cuda" else host_timer
     rows = []
     for shape in shapes:
         for dtype in dtypes:
@@ -122,16 +157,27 @@ def bench_ops(shapes, dtypes, repeats: int, compile_ops: bool, device: str) -> l
                         module(inputs).backward(grad)
 
                 passes[name, "forward"], passes[name, "forward_backward"] = forward, forward_backward
-            seconds = interleaved_medians(passes, repeats)
-            for name in dict.fromkeys(name for name, _ in passes):
-                rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "op": name,
-                             "forward_ms": 1e3 * seconds[name, "forward"] / calls,
-                             "forward_backward_ms": 1e3 * seconds[name, "forward_backward"] / calls})
-                # the least memory traffic possible: x in and y out forward; x, grad in and dx out backward
-                size = x.numel() * x.element_size()
-                rows[-1]["forward_gb_per_s"] = 2 * size / rows[-1]["forward_ms"] / 1e6
-                rows[-1]["forward_backward_gb_per_s"] = 5 * size / rows[-1]["forward_backward_ms"] / 1e6
-                print(f"  op {rows[-1]}", flush=True)
+
+            def copy_x():
+                for _ in range(calls):
+                    x.clone()
+
+            passes["copy", "forward"] = copy_x
+            seconds = interleaved_medians(passes, repeats, timer=timer)
+            # the least memory traffic possible: x in and y out forward (as a copy); x, grad in and dx out backward
+            size = x.numel() * x.element_size()
+            copy_ms = 1e3 * seconds["copy", "forward"] / calls
+            copy_gb_per_s = 2 * size / copy_ms / 1e6
+            for name in dict.fromkeys(name for name, _ in passes if name != "copy"):
+                row = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "op": name,
+                       "forward_ms": 1e3 * seconds[name, "forward"] / calls,
+                       "forward_backward_ms": 1e3 * seconds[name, "forward_backward"] / calls,
+                       "copy_ms": copy_ms, "copy_gb_per_s": copy_gb_per_s}
+                for pass_, traffic in (("forward", 2 * size), ("forward_backward", 5 * size)):
+                    row[f"{pass_}_gb_per_s"] = traffic / row[f"{pass_}_ms"] / 1e6
+                    row[f"{pass_}_share_of_copy"] = row[f"{pass_}_gb_per_s"] / copy_gb_per_s
+                rows.append(row)
+                print(f"  op {row}", flush=True)
     for row in rows:  # ratios against HF's eager RMSNorm on the same shape and dtype
         base = next(r for r in rows if r["shape"] == row["shape"] and r["dtype"] == row["dtype"]
                     and r["op"] == "rmsnorm_eager")
@@ -246,23 +292,18 @@ def bench_pipeline(windows: int) -> dict:
             for first in range(0, len(batches), 4):
                 model(input_ids=batches[first:first + 4])
 
-    def timed(function):
-        started = time.perf_counter()
-        function()
-        return time.perf_counter() - started
-
     # interleaved repeats, best of each: the first forward of a process is slower, and the machine is shared
     plain, evaluation, fidelity_s = [], [], []
     calibration = None
     for _ in range(3):
-        plain.append(timed(plain_loop))
+        plain.append(host_timer(plain_loop))
         evaluation.append(perplexity(model, test, progress=False).seconds)
         if calibration is None:
             started = time.perf_counter()
             calibration = calibrate(model, train, window=512, max_windows=windows, progress=False)
             calibration_s = time.perf_counter() - started
-        fidelity_s.append(timed(lambda: outlier_fidelity(model, test, calibration=calibration,
-                                                         max_windows=windows, progress=False)))
+        fidelity_s.append(host_timer(lambda: outlier_fidelity(model, test, calibration=calibration,
+                                                              max_windows=windows, progress=False)))
     plain, evaluation, fidelity_s = min(plain), min(evaluation), min(fidelity_s)
     tokens = batches.numel()
     return {"tokens": tokens, "plain_forward_tokens_per_s": tokens / plain,
@@ -300,6 +341,23 @@ def bench_distill(steps: int, pinned: bool) -> list[dict]:
     return rows
 
 
+def bandwidth_table(results: dict) -> str:
+    """The fused paths' effective memory bandwidth at the issue's shapes, against a plain copy of x timed in the
+    same rounds (and, on a GPU, against the card's specification)."""
+    peak = results.get("device_peak_gb_per_s")
+    header = ["op", "shape", "dtype", "copy GB/s", "forward GB/s", "forward / copy", "forward+backward GB/s",
+              "forward+backward / copy", *(["forward / peak"] if peak else [])]
+    rows = [[r["op"], str(tuple(r["shape"])), r["dtype"], f"{r['copy_gb_per_s']:.1f}",
+             f"{r['forward_gb_per_s']:.1f}", f"{r['forward_share_of_copy']:.0%}",
+             f"{r['forward_backward_gb_per_s']:.1f}", f"{r['forward_backward_share_of_copy']:.0%}",
+             *([f"{r['forward_gb_per_s'] / peak:.0%}"] if peak else [])]
+            for r in results["ops"] if r["op"].endswith(("_fused", "_triton")) and tuple(r["shape"]) != DECODE_SHAPE]
+    intro = ("Effective memory bandwidth of the fused paths, counting only the unavoidable reads and writes (forward: "
+             "x in, y out; backward: x and the gradient in, dx out), against a plain copy of x timed in the same "
+             "rounds" + (f" and the card's {peak:.0f} GB/s by its specification" if peak else "") + "\n")
+    return intro + "\n" + markdown_table(header, rows) + "\n"
+
+
 def report(results: dict) -> str:
     lines = [f"# hf_dynorm benchmarks\n\nMachine: {results['machine']}; torch {results['torch']}, "
              f"{results['threads']} threads; glibc malloc thresholds "
@@ -323,11 +381,7 @@ def report(results: dict) -> str:
         lines.append("\nHF eager RMSNorm itself (ms, forward / forward+backward): " + ", ".join(
             f"{shape} {dtype}: {r['forward_ms']:.3g} / {r['forward_backward_ms']:.3g}"
             for (shape, dtype), r in sorted(base.items())) + "\n")
-        fused = [r for r in results["ops"] if r["op"].endswith(("_fused", "_triton"))]
-        lines.append("Effective memory bandwidth of the fused paths (GB/s, forward / forward+backward, counting "
-                     "only the unavoidable reads and writes): " + ", ".join(
-                         f"{r['op']} {tuple(r['shape'])} {r['dtype']}: {r['forward_gb_per_s']:.1f} / "
-                         f"{r['forward_backward_gb_per_s']:.1f}" for r in fused) + "\n")
+        lines.append(bandwidth_table(results))
     if results.get("model"):
         kinds = {"forward": "forward 2 x 256", "train_step": "train step 2 x 256", "generate": "generate 32"}
         lines.append("## SmolLM2-135M (tokens/s; ratio to the original: median [quartiles] of paired rounds)\n")
@@ -378,6 +432,7 @@ def main() -> None:
                "malloc_thresholds_pinned": pinned}
     if args.device == "cuda":
         results["machine"] += f"; ops on {torch.cuda.get_device_name()}"
+        results["device_peak_gb_per_s"] = peak_memory_bandwidth_gb_per_s(torch.cuda.get_device_properties())
     started = time.perf_counter()
     if "distill" not in skip:  # first, while this process holds nothing: measured 25-30% slower after the rest
         results["distill"] = bench_distill(2 if args.quick else 3, pinned)
