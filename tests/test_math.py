@@ -182,6 +182,45 @@ def test_fused_and_reference_agree_in_value_and_gradient(kind, dtype):
 
 
 @pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fused_paths_in_row_blocks_match_the_whole_tensor(kind, dtype, monkeypatch):
+    """Large CPU inputs run in blocks of rows (their fp32 temporaries stay in cache): the same values and
+    gradients to rounding (the per-channel sums are added up block by block), exact in fp64 (gradcheck)."""
+    from hf_dynorm import modeling_dynorm
+
+    torch.manual_seed(4)
+    module = _module_with_random_affine(kind, kappa=30.0, alpha=0.2, anchors=[4, 9]).to(dtype)
+    module.requires_grad_(False)
+    per_channel = "alpha" if kind == "dyt" else "log_kappa"  # summed over the blocks per channel
+    getattr(module, per_channel).data = getattr(module, per_channel).data.expand(C).clone() + torch.rand(C, dtype=dtype)
+    module.requires_grad_(True)
+    x = (torch.randn(5, 5, C, dtype=torch.float64) * 5).to(dtype).transpose(0, 1)  # 25 rows, not contiguous
+    results = []
+    for block_elements in (3 * C, 10**9):  # 9 blocks (the last one row) or the whole tensor
+        monkeypatch.setattr(modeling_dynorm, "ROW_BLOCK_ELEMENTS", block_elements)
+        module.zero_grad()
+        inputs = x.detach().requires_grad_()
+        y = module(inputs)
+        (y * torch.linspace(-1, 1, C, dtype=dtype)).sum().backward()
+        with torch.no_grad():
+            untracked = module(x)
+        results.append((y, untracked, inputs.grad, [p.grad.clone() for p in module.parameters()]))
+    assert len(modeling_dynorm._row_blocks(x)[1]) == 1
+    monkeypatch.setattr(modeling_dynorm, "ROW_BLOCK_ELEMENTS", 3 * C)
+    assert len(modeling_dynorm._row_blocks(x)[1]) == 9
+    (y1, untracked1, gx1, gp1), (y2, untracked2, gx2, gp2) = results
+    assert torch.equal(y1, untracked1) and torch.equal(y2, untracked2)
+    torch.testing.assert_close(y1, y2)  # the same ops per row (ATen's loops may differ in the last bit)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype != torch.bfloat16 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(gx1, gx2, **tolerance)
+    for blocked, whole in zip(gp1, gp2):
+        torch.testing.assert_close(blocked, whole, **tolerance)
+    if dtype == torch.float64:
+        parameters = [module.get_parameter(per_channel), module.weight, module.bias]
+        assert torch.autograd.gradcheck(lambda inputs, *_: module(inputs), (x.detach().requires_grad_(), *parameters))
+
+
+@pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_runs_the_fused_math_without_autograd_and_gives_the_same_values(kind, dtype):
     """Where nothing needs a gradient the modules skip the autograd Function (its bookkeeping costs as much as the
