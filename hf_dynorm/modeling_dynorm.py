@@ -91,20 +91,22 @@ def dyisru(
 ROW_BLOCK_ELEMENTS = 1 << 19
 
 
-def _row_blocks(x: torch.Tensor) -> tuple[torch.Tensor, list[slice]]:
-    """x as (rows, C) and the row slices to compute it in: one (all rows) off the CPU or for small inputs."""
-    rows = x.reshape(-1, x.shape[-1])
-    step = max(1, ROW_BLOCK_ELEMENTS // x.shape[-1] if x.device.type == "cpu" else rows.shape[0])
-    return rows, [slice(start, start + step) for start in range(0, max(rows.shape[0], 1), step)]
+def _row_blocks(x: torch.Tensor) -> list[slice] | None:
+    """The slices of x's rows (x as (rows, C)) to compute a large CPU input in; None: compute it whole (small
+    inputs, where the checks alone would cost what a decode step's norm costs, and other devices)."""
+    if x.numel() <= ROW_BLOCK_ELEMENTS or x.device.type != "cpu":
+        return None
+    step = max(1, ROW_BLOCK_ELEMENTS // x.shape[-1])
+    return [slice(start, start + step) for start in range(0, x.numel() // x.shape[-1], step)]
 
 
 def _blockwise_values(x: torch.Tensor, compute) -> torch.Tensor:
     """``compute(xf, out)`` over x in blocks of rows, as x's dtype. xf is a block in the compute dtype; out is where
     the block's result goes when compute can write it there itself (x already in the compute dtype), else None."""
-    dtype = compute_dtype(x)
-    rows, blocks = _row_blocks(x)
-    if len(blocks) == 1:
+    dtype, blocks = compute_dtype(x), _row_blocks(x)
+    if blocks is None:
         return _as(compute(_as(x, dtype), None), x.dtype)
+    rows = x.reshape(-1, x.shape[-1])
     y = torch.empty_like(rows)
     for block in blocks:
         target = y[block]
@@ -118,11 +120,11 @@ def _blockwise_values(x: torch.Tensor, compute) -> torch.Tensor:
 def _blockwise_backward(x: torch.Tensor, grad: torch.Tensor, compute) -> tuple[torch.Tensor, list]:
     """``compute(xf, g)`` -> (grad_x, per-channel sums) over x and grad in blocks of rows: grad_x as x's dtype and
     each sum (None stays None) added up over the blocks."""
-    dtype = compute_dtype(x)
-    rows, blocks = _row_blocks(x)
-    if len(blocks) == 1:
+    dtype, blocks = compute_dtype(x), _row_blocks(x)
+    if blocks is None:
         grad_x, sums = compute(_as(x, dtype), _as(grad, dtype))
         return _as(grad_x, x.dtype), sums
+    rows = x.reshape(-1, x.shape[-1])
     grads, grad_x, totals = grad.reshape(rows.shape), torch.empty_like(rows), None
     for block in blocks:
         block_grad_x, sums = compute(_as(rows[block], dtype), _as(grads[block], dtype))
@@ -383,7 +385,8 @@ class DyISRU(_ElementwiseNorm):
 
     @property
     def kappa(self) -> torch.Tensor:
-        return _as(self.log_kappa, torch.promote_types(self.log_kappa.dtype, torch.float32)).exp()  # fp32 at least
+        log_kappa = self.log_kappa  # exp in fp32 at least (fp64 kept)
+        return (log_kappa if log_kappa.dtype in (torch.float32, torch.float64) else log_kappa.float()).exp()
 
     def set_anchors(self, channels) -> None:
         """Couple these channels' squares (indices into the last dimension); an empty list gives pure DyISRU."""

@@ -205,9 +205,9 @@ def test_fused_paths_in_row_blocks_match_the_whole_tensor(kind, dtype, monkeypat
         with torch.no_grad():
             untracked = module(x)
         results.append((y, untracked, inputs.grad, [p.grad.clone() for p in module.parameters()]))
-    assert len(modeling_dynorm._row_blocks(x)[1]) == 1
+    assert modeling_dynorm._row_blocks(x) is None
     monkeypatch.setattr(modeling_dynorm, "ROW_BLOCK_ELEMENTS", 3 * C)
-    assert len(modeling_dynorm._row_blocks(x)[1]) == 9
+    assert len(modeling_dynorm._row_blocks(x)) == 9
     (y1, untracked1, gx1, gp1), (y2, untracked2, gx2, gp2) = results
     assert torch.equal(y1, untracked1) and torch.equal(y2, untracked2)
     torch.testing.assert_close(y1, y2)  # the same ops per row (ATen's loops may differ in the last bit)
