@@ -93,8 +93,9 @@ ROW_BLOCK_ELEMENTS = 1 << 19
 
 def _row_blocks(x: torch.Tensor) -> list[slice] | None:
     """The slices of x's rows (x as (rows, C)) to compute a large CPU input in; None: compute it whole (small
-    inputs, where the checks alone would cost what a decode step's norm costs, and other devices)."""
-    if x.numel() <= ROW_BLOCK_ELEMENTS or x.device.type != "cpu":
+    inputs, where the checks alone would cost what a decode step's norm costs, other devices, and under
+    torch.compile, whose generated loop already keeps its temporaries in registers)."""
+    if x.numel() <= ROW_BLOCK_ELEMENTS or x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     step = max(1, ROW_BLOCK_ELEMENTS // x.shape[-1])
     return [slice(start, start + step) for start in range(0, x.numel() // x.shape[-1], step)]
