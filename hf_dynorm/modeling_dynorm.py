@@ -84,10 +84,11 @@ def dyisru(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# On the CPU, large inputs run in blocks of rows (ROW_BLOCK_ELEMENTS at a time): a block's fp32 temporaries stay in
-# cache and come from malloc's heap. Full-size ones cost a trip through memory each and, above glibc's 32 MiB mmap
-# ceiling, fresh pages that fault on first touch: forward+backward of (2, 2048, 4096) took 142 ms (fp32) and 206 ms
-# (bf16) whole, 40 and 39 ms in blocks. Each row goes through the same ops either way.
+# On the CPU, large inputs run in blocks of rows (ROW_BLOCK_ELEMENTS at a time) wherever there are full-size fp32
+# temporaries (every backward; the forward of fp16/bf16 input): a block's temporaries stay in cache and come from
+# malloc's heap. Full-size ones cost a trip through memory each and, above glibc's 32 MiB mmap ceiling, fresh pages
+# that fault on first touch: forward+backward of (2, 2048, 4096) took 142 ms (fp32) and 206 ms (bf16) whole, 40 and
+# 39 ms in blocks. Each row goes through the same ops either way.
 ROW_BLOCK_ELEMENTS = 1 << 19
 
 
@@ -102,19 +103,17 @@ def _row_blocks(x: torch.Tensor) -> list[slice] | None:
 
 
 def _blockwise_values(x: torch.Tensor, compute) -> torch.Tensor:
-    """``compute(xf, out)`` over x in blocks of rows, as x's dtype. xf is a block in the compute dtype; out is where
-    the block's result goes when compute can write it there itself (x already in the compute dtype), else None."""
-    dtype, blocks = compute_dtype(x), _row_blocks(x)
+    """``compute(xf)`` (xf: x in the compute dtype) as x's dtype. A large low-precision x goes in blocks of rows, so
+    that its fp32 copy and temporaries stay block-sized; an x already in the compute dtype goes whole (compute's
+    result, the output, is then its only full-size tensor: blocks measured slower there)."""
+    dtype = compute_dtype(x)
+    blocks = None if x.dtype == dtype else _row_blocks(x)
     if blocks is None:
-        return _as(compute(_as(x, dtype), None), x.dtype)
+        return _as(compute(_as(x, dtype)), x.dtype)
     rows = x.reshape(-1, x.shape[-1])
     y = torch.empty_like(rows)
     for block in blocks:
-        target = y[block]
-        if x.dtype == dtype:
-            compute(rows[block], target)
-        else:
-            target.copy_(compute(_as(rows[block], dtype), None))
+        y[block] = compute(rows[block].to(dtype))
     return y.view(x.shape)
 
 
@@ -157,14 +156,14 @@ def _saved_inputs(ctx):
     return x, parameter, weight, _as(parameter, dtype), _as(weight, dtype)
 
 
-def _dyisru_denominator(xf, k, anchors, anchor_coupling, out=None):
-    """kappa + x^2 (+ the anchors' coupled term) as a new fp32 tensor (or in `out`), the anchors' coupled term per
-    row (before its anchor_scale) and the anchor columns of x (None, None without anchors).
+def _dyisru_denominator(xf, k, anchors, anchor_coupling):
+    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, the anchors' coupled term per row (before
+    its anchor_scale) and the anchor columns of x (None, None without anchors).
 
     The coupled term is ``c sum_{a in anchors} x_a^2`` with c = anchor_weight * anchor_scale, and an anchor's own
     square counts only through it (its x_i^2 is taken out again with weight anchor_weight): see `dyisru`.
     """
-    denominator = torch.addcmul(k, xf, xf, out=out)
+    denominator = torch.addcmul(k, xf, xf)
     if anchors is None:
         return denominator, None, None
     weight, scale = anchor_coupling
@@ -186,8 +185,8 @@ class FusedDyISRU(torch.autograd.Function):
         dtype = compute_dtype(x)
         k, w, b = _as(kappa, dtype), _as(weight, dtype), None if bias is None else _as(bias, dtype)
 
-        def compute(xf, out):
-            denominator, _, _ = _dyisru_denominator(xf, k, anchors, anchor_coupling, out)
+        def compute(xf):
+            denominator, _, _ = _dyisru_denominator(xf, k, anchors, anchor_coupling)
             response = denominator.rsqrt_().mul_(xf)  # x / sqrt(denominator)
             return response.mul_(w) if b is None else torch.addcmul(b, response, w, out=response)
 
@@ -235,8 +234,8 @@ class FusedDyT(torch.autograd.Function):
         a, w = _as(alpha, dtype), _as(weight, dtype)
         shift = w if bias is None else _as(bias, dtype) + w
 
-        def compute(xf, out):
-            s = torch.mul(xf, -2 * a, out=out).sigmoid_()  # tanh(alpha x) = 1 - 2 sigmoid(-2 alpha x)
+        def compute(xf):
+            s = torch.mul(xf, -2 * a).sigmoid_()  # tanh(alpha x) = 1 - 2 sigmoid(-2 alpha x)
             return torch.addcmul(shift, s, w, value=-2, out=s)  # w tanh(alpha x) + bias
 
         return _blockwise_values(x, compute)
