@@ -87,15 +87,15 @@ def dyisru(
 # On the CPU, large inputs run in blocks of rows (ROW_BLOCK_ELEMENTS at a time) wherever there are full-size fp32
 # temporaries (every backward; the forward of fp16/bf16 input): a block's temporaries stay in cache and come from
 # malloc's heap. Full-size ones cost a trip through memory each and, above glibc's 32 MiB mmap ceiling, fresh pages
-# that fault on first touch: forward+backward of (2, 2048, 4096) took 142 ms (fp32) and 206 ms (bf16) whole, 40 and
-# 39 ms in blocks. Each row goes through the same ops either way.
+# that fault on first touch: DyISRU forward+backward of (2, 2048, 4096) took 102 ms (fp32) and 263 ms (bf16) whole,
+# 38 and 53 ms in blocks (one A/B). Each row goes through the same ops either way.
 ROW_BLOCK_ELEMENTS = 1 << 19
 
 
 def _row_blocks(x: torch.Tensor) -> list[slice] | None:
     """The slices of x's rows (x as (rows, C)) to compute a large CPU input in; None: compute it whole (small
-    inputs, where the checks alone would cost what a decode step's norm costs, other devices, and under
-    torch.compile, whose generated loop already keeps its temporaries in registers)."""
+    inputs, checked first because at a decode step any bookkeeping shows; other devices; and under torch.compile,
+    whose generated loop already keeps its temporaries in registers)."""
     if x.numel() <= ROW_BLOCK_ELEMENTS or x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     step = max(1, ROW_BLOCK_ELEMENTS // x.shape[-1])

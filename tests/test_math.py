@@ -184,8 +184,8 @@ def test_fused_and_reference_agree_in_value_and_gradient(kind, dtype):
 @pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_fused_paths_in_row_blocks_match_the_whole_tensor(kind, dtype, monkeypatch):
-    """Large CPU inputs run in blocks of rows (their fp32 temporaries stay in cache): the same values and
-    gradients to rounding (the per-channel sums are added up block by block), exact in fp64 (gradcheck)."""
+    """Large CPU inputs run in blocks of rows where they have fp32 temporaries (every backward, a bf16 forward): the
+    same values and gradients to rounding (the per-channel sums add up block by block), exact in fp64 (gradcheck)."""
     from hf_dynorm import modeling_dynorm
 
     torch.manual_seed(4)
