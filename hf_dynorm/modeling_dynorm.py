@@ -102,11 +102,10 @@ def _row_blocks(x: torch.Tensor) -> list[slice] | None:
     return [slice(start, start + step) for start in range(0, x.numel() // x.shape[-1], step)]
 
 
-def _blockwise_values(x: torch.Tensor, compute) -> torch.Tensor:
-    """``compute(xf)`` (xf: x in the compute dtype) as x's dtype. A large low-precision x goes in blocks of rows, so
-    that its fp32 copy and temporaries stay block-sized; an x already in the compute dtype goes whole (compute's
-    result, the output, is then its only full-size tensor: blocks measured slower there)."""
-    dtype = compute_dtype(x)
+def _blockwise_values(x: torch.Tensor, dtype: torch.dtype, compute) -> torch.Tensor:
+    """``compute(xf)`` (xf: x in the compute dtype `dtype`) as x's dtype. A large low-precision x goes in blocks of
+    rows, so that its fp32 copy and temporaries stay block-sized; an x already in the compute dtype goes whole
+    (compute's result, the output, is then its only full-size tensor: blocks measured slower there)."""
     blocks = None if x.dtype == dtype else _row_blocks(x)
     if blocks is None:
         return _as(compute(_as(x, dtype)), x.dtype)
@@ -117,10 +116,10 @@ def _blockwise_values(x: torch.Tensor, compute) -> torch.Tensor:
     return y.view(x.shape)
 
 
-def _blockwise_backward(x: torch.Tensor, grad: torch.Tensor, compute) -> tuple[torch.Tensor, list]:
-    """``compute(xf, g)`` -> (grad_x, per-channel sums) over x and grad in blocks of rows: grad_x as x's dtype and
-    each sum (None stays None) added up over the blocks."""
-    dtype, blocks = compute_dtype(x), _row_blocks(x)
+def _blockwise_backward(x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype, compute) -> tuple[torch.Tensor, list]:
+    """``compute(xf, g)`` -> (grad_x, per-channel sums) over x and grad in blocks of rows (in the compute dtype
+    `dtype`): grad_x as x's dtype and each sum (None stays None) added up over the blocks."""
+    blocks = _row_blocks(x)
     if blocks is None:
         grad_x, sums = compute(_as(x, dtype), _as(grad, dtype))
         return _as(grad_x, x.dtype), sums
@@ -150,10 +149,10 @@ def _save_inputs(ctx, x, parameter, weight, bias) -> None:
 
 
 def _saved_inputs(ctx):
-    """x, the parameter and weight, and the parameter and weight cast to the compute dtype."""
+    """x, the parameter and weight, the compute dtype, and the parameter and weight cast to it."""
     x, parameter, weight = ctx.saved_tensors
     dtype = compute_dtype(x)
-    return x, parameter, weight, _as(parameter, dtype), _as(weight, dtype)
+    return x, parameter, weight, dtype, _as(parameter, dtype), _as(weight, dtype)
 
 
 def _dyisru_denominator(xf, k, anchors, anchor_coupling):
@@ -190,7 +189,7 @@ class FusedDyISRU(torch.autograd.Function):
             response = denominator.rsqrt_().mul_(xf)  # x / sqrt(denominator)
             return response.mul_(w) if b is None else torch.addcmul(b, response, w, out=response)
 
-        return _blockwise_values(x, compute)
+        return _blockwise_values(x, dtype, compute)
 
     @staticmethod
     def forward(ctx, x, kappa, weight, bias, anchors=None, anchor_coupling=None):
@@ -200,7 +199,7 @@ class FusedDyISRU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, kappa, weight, k, w = _saved_inputs(ctx)
+        x, kappa, weight, dtype, k, w = _saved_inputs(ctx)
         anchors, anchor_coupling = ctx.anchors, ctx.anchor_coupling
 
         def compute(xf, g):
@@ -221,7 +220,7 @@ class FusedDyISRU(torch.autograd.Function):
                 grad_x.index_add_(-1, anchors, anchor_values.mul_(pull).mul_(anchor_weight), alpha=-anchor_scale)
             return grad_x, [grad_kappa, grad_weight, _sum_rows(g) if ctx.has_bias else None]
 
-        grad_x, (grad_kappa, grad_weight, grad_bias) = _blockwise_backward(x, grad, compute)
+        grad_x, (grad_kappa, grad_weight, grad_bias) = _blockwise_backward(x, grad, dtype, compute)
         return (grad_x, _parameter_grad(-0.5 * w * grad_kappa, kappa), grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(weight.dtype), None, None)
 
@@ -238,7 +237,7 @@ class FusedDyT(torch.autograd.Function):
             s = torch.mul(xf, -2 * a).sigmoid_()  # tanh(alpha x) = 1 - 2 sigmoid(-2 alpha x)
             return torch.addcmul(shift, s, w, value=-2, out=s)  # w tanh(alpha x) + bias
 
-        return _blockwise_values(x, compute)
+        return _blockwise_values(x, dtype, compute)
 
     @staticmethod
     def forward(ctx, x, alpha, weight, bias):
@@ -247,7 +246,7 @@ class FusedDyT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, alpha, weight, a, w = _saved_inputs(ctx)
+        x, alpha, weight, dtype, a, w = _saved_inputs(ctx)
 
         def compute(xf, g):
             s = torch.mul(xf, -2 * a).sigmoid_()  # tanh(alpha x) = 1 - 2 s, its slope 1 - tanh^2 = 4 s (1 - s)
@@ -258,7 +257,7 @@ class FusedDyT(torch.autograd.Function):
             grad_alpha = _sum_rows(torch.mul(g_slope, xf, out=s))  # times 4 w
             return grad_x, [grad_alpha, grad_weight, grad_sum if ctx.has_bias else None]
 
-        grad_x, (grad_alpha, grad_weight, grad_bias) = _blockwise_backward(x, grad, compute)
+        grad_x, (grad_alpha, grad_weight, grad_bias) = _blockwise_backward(x, grad, dtype, compute)
         return (grad_x, _parameter_grad(4 * w * grad_alpha, alpha), grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(weight.dtype))
 
@@ -385,8 +384,7 @@ class DyISRU(_ElementwiseNorm):
 
     @property
     def kappa(self) -> torch.Tensor:
-        log_kappa = self.log_kappa  # exp in fp32 at least (fp64 kept)
-        return (log_kappa if log_kappa.dtype in (torch.float32, torch.float64) else log_kappa.float()).exp()
+        return _as(self.log_kappa, compute_dtype(self.log_kappa)).exp()  # fp32 at least (fp64 kept)
 
     def set_anchors(self, channels) -> None:
         """Couple these channels' squares (indices into the last dimension); an empty list gives pure DyISRU."""
