@@ -171,24 +171,22 @@ def _saved_inputs(ctx):
 
 
 def _dyisru_denominator(xf, k, anchors, anchor_coupling):
-    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor; with anchors also the row's base (kappa plus
-    the coupled term, which every channel's denominator holds), the anchor columns of x and their gather index.
+    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, the anchors' coupled term per row (before
+    its anchor_scale) and the anchor columns of x (None, None without anchors).
 
     The coupled term is ``c sum_{a in anchors} x_a^2`` with c = anchor_weight * anchor_scale, and an anchor's own
     square counts only through it (its x_i^2 is taken out again with weight anchor_weight): see `dyisru`.
     """
+    denominator = torch.addcmul(k, xf, xf)
     if anchors is None:
-        return torch.addcmul(k, xf, xf), None, None, None
+        return denominator, None, None
     weight, scale = anchor_coupling
-    # gather and scatter_add_ with a broadcast index rather than index_select and index_add_ along the last dim,
-    # whose CPU loops are slower: anchored forward of (8, 512, 576) 2.30 -> 1.82 ms fp32, 2.23 -> 1.95 ms bf16, and
-    # forward+backward of SmolLM2's (2, 256, 576) 0.79 -> 0.72 ms (one A/B); a decode step pays ~1 us more
-    index = anchors.expand(*xf.shape[:-1], -1)
-    anchor_values = xf.gather(-1, index)
-    weighted_squares = anchor_values.square().mul_(weight)
-    base = torch.add(k, weighted_squares.sum(-1, keepdim=True), alpha=scale)  # per row (for a scalar kappa)
-    denominator = torch.addcmul(base, xf, xf).scatter_add_(-1, index, weighted_squares.neg_())
-    return denominator, base, anchor_values, index
+    # gathered after the full pass above, while x is in cache: from cold memory the gather alone costs about a pass
+    anchor_values = xf.index_select(-1, anchors)
+    anchor_squares = anchor_values.square()
+    coupled = anchor_squares.sum(-1, keepdim=True).mul_(weight)
+    denominator.add_(coupled, alpha=scale).index_add_(-1, anchors, anchor_squares.mul_(weight), alpha=-1)
+    return denominator, coupled, anchor_values
 
 
 class FusedDyISRU(torch.autograd.Function):
@@ -202,7 +200,7 @@ class FusedDyISRU(torch.autograd.Function):
         k, w, b = _as(kappa, dtype), _as(weight, dtype), None if bias is None else _as(bias, dtype)
 
         def compute(xf):
-            denominator = _dyisru_denominator(xf, k, anchors, anchor_coupling)[0]
+            denominator, _, _ = _dyisru_denominator(xf, k, anchors, anchor_coupling)
             response = denominator.rsqrt_().mul_(xf)  # x / sqrt(denominator)
             return response.mul_(w) if b is None else torch.addcmul(b, response, w, out=response)
 
@@ -220,7 +218,7 @@ class FusedDyISRU(torch.autograd.Function):
         anchors, anchor_coupling = ctx.anchors, ctx.anchor_coupling
 
         def compute(xf, g):
-            denominator, base, anchor_values, index = _dyisru_denominator(xf, k, anchors, anchor_coupling)
+            denominator, coupled, anchor_values = _dyisru_denominator(xf, k, anchors, anchor_coupling)
             r = denominator.rsqrt_()
             g_r = g * r
             grad_weight = _sum_rows(g_r * xf)  # sum of g x r
@@ -232,9 +230,9 @@ class FusedDyISRU(torch.autograd.Function):
                 grad_x = g_r3.mul_(w * k)
             else:  # each anchor's square also sits in every channel's denominator of its row
                 anchor_weight, anchor_scale = anchor_coupling
-                grad_x = g_r3.mul_(w).mul_(base)
+                grad_x = g_r3.mul_(w).mul_(torch.add(k, coupled, alpha=anchor_scale))
                 pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
-                grad_x.scatter_add_(-1, index, anchor_values.mul_(pull).mul_(anchor_weight).mul_(-anchor_scale))
+                grad_x.index_add_(-1, anchors, anchor_values.mul_(pull).mul_(anchor_weight), alpha=-anchor_scale)
             return grad_x, [grad_kappa, grad_weight, _sum_rows(g) if ctx.has_bias else None]
 
         grad_x, (grad_kappa, grad_weight, grad_bias) = _blockwise_backward(x, grad, dtype, compute)
