@@ -14,6 +14,8 @@ from hf_dynorm.modeling_dynorm import _gpu_function, dyisru, dyt  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 C = 200  # not a multiple of the 128-channel tile; 21 rows are not a multiple of the 16-row tile
+# 21 rows: one backward program per column block; 300: three, each summing 8 row tiles, the last 2.75 of them
+ROWS = {"21 rows": (3, 7), "300 rows": (4, 75)}
 CASES = {"dyisru": (TritonDyISRU, dyisru, 900.0), "dyt": (TritonDyT, dyt, 0.02)}
 
 
@@ -28,10 +30,11 @@ def _run(function, x, parameter, weight, bias, grad, *rest):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_kernel_matches_reference_in_value_and_gradient(kind, dtype, per_channel, with_bias):
+@pytest.mark.parametrize("rows", list(ROWS.values()), ids=list(ROWS))
+def test_kernel_matches_reference_in_value_and_gradient(kind, dtype, per_channel, with_bias, rows):
     kernel, reference, value = CASES[kind]
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 7, C, generator=generator) * 30
+    x = torch.randn(*rows, C, generator=generator) * 30
     x[0, 0, :3] = torch.tensor([6e4, -6e4, 3e4])  # fp16's range: x*x must not overflow
     parameter = value * (torch.rand(C if per_channel else 1, generator=generator) + 0.5)
     weight = torch.rand(C, generator=generator) + 0.5
@@ -95,3 +98,32 @@ def test_modules_pick_the_kernels_for_gpu_tensors_only():
     assert module._fused_function(torch.ones(2, 8), FusedDyISRU) is FusedDyISRU  # CPU: the PyTorch Function
     module.triton = False
     assert module._fused_function(torch.ones(2, 8, device=DEVICE), FusedDyISRU) is FusedDyISRU
+
+
+def test_kernels_compile_for_nvidia_gpus_to_vectorized_code_without_spills():
+    """What only a GPU run would otherwise show, checked on the CPU: every kernel compiles for sm_80 (A100) and
+    sm_90 (H100/H200) through Triton and ptxas, streams its tensors with 128-bit loads and stores (16-bit I/O: no
+    scalar 16-bit stores), and spills no registers. Bandwidth itself still needs a GPU (benchmarks/run.py)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    script = Path(__file__).with_name("kernel_ptx.py")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, str(script), "80:bf16", "90:bf16", "90:fp32"], env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert len(report) == 3
+    for target, kernels in report.items():
+        assert len(kernels) == 5, target
+        for name, facts in kernels.items():
+            instructions, resources = set(facts["memory_instructions"]), facts["resources"]
+            assert {"ld.global.v4.b32", "st.global.v4.b32"} <= instructions, (target, name, instructions)
+            if target.endswith("bf16"):
+                assert "st.global.b16" not in instructions, (target, name, instructions)
+            assert resources["STACK"] == 0 and resources["LOCAL"] == 0, (target, name, resources)
