@@ -172,7 +172,7 @@ def _saved_inputs(ctx):
 
 def _dyisru_denominator(xf, k, anchors, anchor_coupling):
     """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, the anchors' coupled term per row (before
-    its anchor_scale) and the anchor columns of x (None, None without anchors).
+    its anchor_scale, anchor_weight included) and the anchor columns of x (None, None without anchors).
 
     The coupled term is ``c sum_{a in anchors} x_a^2`` with c = anchor_weight * anchor_scale, and an anchor's own
     square counts only through it (its x_i^2 is taken out again with weight anchor_weight): see `dyisru`.
@@ -183,9 +183,11 @@ def _dyisru_denominator(xf, k, anchors, anchor_coupling):
     weight, scale = anchor_coupling
     # gathered after the full pass above, while x is in cache: from cold memory the gather alone costs about a pass
     anchor_values = xf.index_select(-1, anchors)
-    anchor_squares = anchor_values.square()
-    coupled = anchor_squares.sum(-1, keepdim=True).mul_(weight)
-    denominator.add_(coupled, alpha=scale).index_add_(-1, anchors, anchor_squares.mul_(weight), alpha=-1)
+    # weighted once, for the sum and the take-back alike: one op fewer, SmolLM2's 61 anchored layers per decode step
+    # 2.03 -> 1.96 and 2.13 -> 2.01 ms (two A/Bs on the model's own norm inputs)
+    weighted_squares = anchor_values.square().mul_(weight)
+    coupled = weighted_squares.sum(-1, keepdim=True)
+    denominator.add_(coupled, alpha=scale).index_add_(-1, anchors, weighted_squares, alpha=-1)
     return denominator, coupled, anchor_values
 
 
