@@ -1,6 +1,10 @@
 """The Triton kernels against the reference, on the CPU through Triton's interpreter (on a GPU where there is one)."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,11 +108,6 @@ def test_kernels_compile_for_nvidia_gpus_to_vectorized_code_without_spills():
     """What only a GPU run would otherwise show, checked on the CPU: every kernel compiles for sm_80 (A100) and
     sm_90 (H100/H200) through Triton and ptxas, streams its tensors with 128-bit loads and stores (16-bit I/O: no
     scalar 16-bit stores), and spills no registers. Bandwidth itself still needs a GPU (benchmarks/run.py)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     triton = pytest.importorskip("triton")
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton build has no NVIDIA backend")
