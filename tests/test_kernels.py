@@ -1,4 +1,5 @@
-"""The Triton kernels against the reference, on the CPU through Triton's interpreter (on a GPU where there is one)."""
+"""The Triton kernels against the reference, on the CPU through Triton's interpreter (on a GPU where there is one),
+and compiled for NVIDIA GPUs on the CPU to check their machine code."""
 
 import json
 import os
