@@ -14,13 +14,13 @@ channels and row stride divisible by 16 (SmolLM2's 576, and 2048, 4096).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import tempfile
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -53,13 +53,13 @@ def compile_kernel(function, constexprs: dict, arch: int, stream: str):
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
-    """ptxas's REG/STACK/SHARED/LOCAL figures for a cubin, read with the cuobjdump that Triton bundles."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    """ptxas's REG/STACK/SHARED/LOCAL figures for a cubin, read with the cuobjdump that Triton bundles (or the one
+    TRITON_CUOBJDUMP_PATH names)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        report = subprocess.run([cuobjdump, "--dump-resource-usage", file.name], capture_output=True, text=True,
-                                check=True).stdout
+        report = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
+                                capture_output=True, text=True, check=True).stdout
     return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", report)}
 
 
