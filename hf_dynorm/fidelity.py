@@ -23,54 +23,75 @@ ERROR_KINDS = ("all", "outlier_elements", "outlier_tokens", "saturated")
 
 
 class SiteFidelity:
-    """Streaming error sums of several candidates against one norm's output."""
+    """Streaming error sums of several candidates against one norm's output.
+
+    What depends only on the site's input and the norm's output (selections, the reference's energy, its top-k
+    channels and sign bits) is computed once per batch; a candidate then costs one error pass, sums over the
+    selected positions (gathered by index: outliers are few) and one top-k.
+    """
 
     def __init__(self, element_k: float, token_m: float, topk: int, keep_points: int):
         self.element_k, self.token_m, self.topk, self.keep_points = element_k, token_m, topk, keep_points
         self.sums = defaultdict(float)
-        self.points = defaultdict(list)  # candidate -> [(norm output, candidate output)] of outlier elements
+        self.points = defaultdict(list)  # "reference" and each candidate -> chunks of their outlier-element values
+        self.kept = 0  # outlier elements in each of those
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, reference: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
         x, reference = x.reshape(-1, x.shape[-1]).float(), reference.reshape(-1, x.shape[-1]).float()
         token_rms = x.pow(2).mean(-1, keepdim=True).sqrt()
-        selections = {  # None: every element; a 1-D mask picks whole tokens
+        reference_abs = reference.abs()
+        outlier_tokens = (token_rms.squeeze(-1) > self.token_m * token_rms.median()).nonzero()
+        outlier_elements = _flat_indices(x.abs() > self.element_k * token_rms)
+        selections = {  # the row-major indices of the selected elements; None: every element
             "all": None,
-            "outlier_elements": x.abs() > self.element_k * token_rms,
-            "outlier_tokens": token_rms.squeeze(-1) > self.token_m * token_rms.median(),
-            "saturated": reference.abs() > 0.5 * reference.abs().amax(-1, keepdim=True),
+            "outlier_elements": outlier_elements,
+            "outlier_tokens": (outlier_tokens * x.shape[-1] + torch.arange(x.shape[-1], device=x.device)).view(-1),
+            "saturated": _flat_indices(reference_abs > 0.5 * reference_abs.amax(-1, keepdim=True)),
         }
-        for kind, selection in selections.items():  # the reference's energy once, not once per candidate
-            self.sums["reference", kind] += _selected_sum(reference.square(), selection)
-        top_reference = reference.abs().topk(min(self.topk, x.shape[-1]), -1).indices
+        self._add_selected_sums("reference", reference.square(), selections)
+        top_reference = reference_abs.topk(min(self.topk, x.shape[-1]), -1).indices
+        reference_bits = reference.view(torch.int32)
+        kept = outlier_elements[:max(self.keep_points - self.kept, 0)]
+        if len(kept):
+            self.points["reference"].append(reference.take(kept))
+            self.kept += len(kept)
         for label, output in candidates.items():
             output = output.reshape(-1, x.shape[-1]).float()
-            error = (output - reference).square_()
-            for kind, selection in selections.items():
-                self.sums[label, kind, "error"] += _selected_sum(error, selection)
-            self.sums[label, "sign"] += float((torch.signbit(output) == torch.signbit(reference)).sum())
+            self._add_selected_sums(label, (output - reference).square_(), selections)
+            # sign bits differ where the XOR of the two floats' bits is negative (exactly signbit's comparison)
+            differing = torch.bitwise_xor(output.view(torch.int32), reference_bits).lt_(0).count_nonzero()
+            self.sums[label, "sign"] += x.numel() - int(differing)
             top = output.abs().topk(top_reference.shape[-1], -1).indices
             overlap = (top.unsqueeze(-1) == top_reference.unsqueeze(-2)).any(-1).float().mean(-1)
             self.sums[label, "topk"] += float(overlap.sum())
-            room = self.keep_points - len(self.points[label])
-            if room > 0:
-                mask = selections["outlier_elements"]
-                self.points[label] += list(zip(reference[mask][:room].tolist(), output[mask][:room].tolist()))
+            if len(kept):
+                self.points[label].append(output.take(kept))
         self.sums["elements"] += x.numel()
         self.sums["tokens"] += x.shape[0]
+
+    def _add_selected_sums(self, owner: str, values: torch.Tensor, selections: dict) -> None:
+        """Add the sum of `values` (rows, C) over each selection to ``sums[owner, kind]``."""
+        for kind, selection in selections.items():
+            self.sums[owner, kind] += float((values if selection is None else values.take(selection)).sum())
+
+    def kept_points(self) -> dict[str, torch.Tensor]:
+        """The outlier elements kept for the response plot: "reference" (the norm's output) and each candidate's."""
+        return {label: torch.cat(chunks) for label, chunks in self.points.items()}
 
     def metrics(self, label: str) -> dict:
         def relative(kind):
             reference = self.sums["reference", kind]
-            return (self.sums[label, kind, "error"] / reference) ** 0.5 if reference > 0 else None
+            return (self.sums[label, kind] / reference) ** 0.5 if reference > 0 else None
 
         return {**{f"relative_l2_{kind}": relative(kind) for kind in ERROR_KINDS},
                 "sign_agreement": self.sums[label, "sign"] / self.sums["elements"],
                 f"top{self.topk}_agreement": self.sums[label, "topk"] / self.sums["tokens"]}
 
 
-def _selected_sum(values: torch.Tensor, selection: torch.Tensor | None) -> float:
-    return float(values.sum() if selection is None else values[selection].sum())
+def _flat_indices(mask: torch.Tensor) -> torch.Tensor:
+    """The row-major indices where `mask` is True."""
+    return mask.reshape(-1).nonzero().squeeze(-1)
 
 
 def what_if_candidates(model, calibration) -> dict[str, dict[str, nn.Module]]:
@@ -131,8 +152,8 @@ def outlier_fidelity(model, ids: torch.Tensor, *, reference=None, calibration=No
     return {"candidates": labels, "tokens": batches.numel(), "element_k": element_k, "token_m": token_m,
             "sites": per_site, "by_role": _aggregate(per_site, labels, "role"),
             "by_depth": _aggregate(per_site, labels, "depth"),
-            "response_site": max(originals, key=lambda n: len(fidelity[n].points[labels[0]])),
-            "_points": {name: dict(f.points) for name, f in fidelity.items()}}
+            "response_site": max(originals, key=lambda n: fidelity[n].kept),
+            "_points": {name: f.kept_points() for name, f in fidelity.items()}}
 
 
 def _aggregate(per_site: dict, labels: list[str], key: str) -> dict:
@@ -172,10 +193,9 @@ def plot_fidelity(results: dict, out) -> list[str]:
 
     site = results["response_site"]
     figure, axis = plt.subplots(figsize=(5, 5))
-    for label, points in results["_points"][site].items():
-        if points:
-            reference, output = zip(*points)
-            axis.scatter(reference, output, s=4, alpha=0.5, label=label)
+    points = results["_points"][site]
+    for label in results["candidates"] if points else ():
+        axis.scatter(points["reference"], points[label], s=4, alpha=0.5, label=label)
     limits = axis.get_xlim()
     axis.plot(limits, limits, color="grey", lw=0.7)
     axis.set(xlabel="norm output", ylabel="replacement output", title=f"Outlier elements at {site}")

@@ -1,6 +1,7 @@
 """Outlier fidelity and the paper's numerical demonstration."""
 
 import json
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -43,6 +44,54 @@ def test_dyisru_beats_dyt_on_a_planted_outlier():
                                    "dyt": dyt(x, torch.tensor([bulk ** -0.5]), gamma)})
     assert fidelity.metrics("dyisru")["relative_l2_outlier_elements"] < \
         fidelity.metrics("dyt")["relative_l2_outlier_elements"]
+
+
+def _direct_metrics(batches, label, element_k=4.0, token_m=4.0, topk=4):
+    """SiteFidelity's metrics written out from their definitions: masks, Python sets, signbit."""
+    sums = defaultdict(float)
+    for x, reference, outputs in batches:
+        output = outputs[label]
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        masks = {"all": torch.ones_like(x, dtype=torch.bool), "outlier_elements": x.abs() > element_k * rms,
+                 "outlier_tokens": (rms > token_m * rms.median()).expand_as(x),
+                 "saturated": reference.abs() > 0.5 * reference.abs().amax(-1, keepdim=True)}
+        for kind, mask in masks.items():
+            sums[kind] += float((output - reference)[mask].double().square().sum())
+            sums[kind, "reference"] += float(reference[mask].double().square().sum())
+        sums["sign"] += int((torch.signbit(output) == torch.signbit(reference)).sum())
+        tops = [(set(o.abs().topk(topk).indices.tolist()), set(r.abs().topk(topk).indices.tolist()))
+                for o, r in zip(output, reference)]
+        sums["top"] += sum(len(a & b) / topk for a, b in tops)
+        sums["elements"] += x.numel()
+        sums["tokens"] += x.shape[0]
+    return {**{f"relative_l2_{kind}": (sums[kind] / sums[kind, "reference"]) ** 0.5
+               for kind in ("all", "outlier_elements", "outlier_tokens", "saturated")},
+            "sign_agreement": sums["sign"] / sums["elements"], f"top{topk}_agreement": sums["top"] / sums["tokens"]}
+
+
+def test_site_fidelity_matches_a_direct_computation():
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for rows in (96, 64):  # two batches: the sums stream
+        x = torch.randn(rows, 48, generator=generator)
+        x[::7, 3] *= 30  # outlier elements
+        x[::16] *= 20  # outlier tokens
+        reference = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+        dyisru_output = dyisru(x, torch.tensor([40.0]), torch.full((48,), 48 ** 0.5))
+        dyisru_output[0, :5] = -0.0 * torch.sign(reference[0, :5])  # zeros of the other sign: signbit tells them
+        batches.append((x, reference, {"dyisru": dyisru_output,
+                                       "dyt": dyt(x, torch.tensor([0.3]), torch.ones(48)) - 0.1}))
+    fidelity = SiteFidelity(element_k=4.0, token_m=4.0, topk=4, keep_points=15)
+    for x, reference, outputs in batches:
+        fidelity.update(x, reference, outputs)
+    for label in ("dyisru", "dyt"):
+        assert fidelity.metrics(label) == pytest.approx(_direct_metrics(batches, label), rel=1e-5)
+    # the first outlier elements in order, across the batches, up to keep_points
+    outliers = [x.abs() > 4.0 * x.pow(2).mean(-1, keepdim=True).sqrt() for x, _, _ in batches]
+    assert sum(int(mask.sum()) for mask in outliers) > 15 > int(outliers[0].sum())
+    kept = fidelity.kept_points()
+    assert torch.equal(kept["reference"], torch.cat([r[m] for (_, r, _), m in zip(batches, outliers)])[:15])
+    assert torch.equal(kept["dyt"], torch.cat([o["dyt"][m] for (_, _, o), m in zip(batches, outliers)])[:15])
 
 
 def test_what_if_on_an_unconverted_model_with_plots(tmp_path):
