@@ -194,8 +194,8 @@ def norm_inputs(model: nn.Module, ids: torch.Tensor) -> list[tuple[str, torch.Te
     captured = []
     observers = {site.name: lambda x, name=site.name: captured.append((name, x))
                  for site in hf_dynorm.find_norm_sites(model)}
-    with torch.no_grad(), observing_norm_inputs(model, observers):
-        model(input_ids=ids)
+    with torch.no_grad(), observing_norm_inputs(model, observers) as run:
+        run(input_ids=ids)
     return captured
 
 

@@ -235,10 +235,10 @@ def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite
     generator = torch.Generator().manual_seed(seed)
     stats = {site.name: SiteStatistics(site, rows, token_capacity, generator) for site in sites}
     device = next(model.parameters()).device
-    with observing_norm_inputs(model, {name: s.update for name, s in stats.items()}):
+    with observing_norm_inputs(model, {name: s.update for name, s in stats.items()}) as run:
         for first in tqdm(range(0, len(batches), batch_size), desc="calibration", unit="batch",
                           disable=not progress):
-            model(input_ids=batches[first:first + batch_size].to(device))
+            run(input_ids=batches[first:first + batch_size].to(device))
     label = label or (data if isinstance(data, str) else f"{type(data).__name__} of {ids.numel()} tokens")
     return Calibration({name: _finalise(model, s, sink_ratio) for name, s in stats.items()},
                        tokens=batches.numel(), windows=len(batches), window=window, data=label)

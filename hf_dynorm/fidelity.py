@@ -142,9 +142,9 @@ def outlier_fidelity(model, ids: torch.Tensor, *, reference=None, calibration=No
         return record
 
     batches = full_windows(ids, window, max_windows)
-    with observing_norm_inputs(model, {name: observer(name) for name in originals}):
+    with observing_norm_inputs(model, {name: observer(name) for name in originals}) as run:
         for first in tqdm(range(0, len(batches), batch_size), desc="fidelity", disable=not progress):
-            model(input_ids=batches[first:first + batch_size].to(next(model.parameters()).device))
+            run(input_ids=batches[first:first + batch_size].to(next(model.parameters()).device))
 
     labels = sorted({label for c in candidates.values() for label in c})
     per_site = {name: {"role": roles[name][0], "depth": roles[name][1],

@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hf_dynorm
 from hf_dynorm import DyISRU, DyT
+from hf_dynorm.architectures import observing_norm_inputs
 from hf_dynorm.conversion import save_converted
 from tiny import ARCHITECTURES, ENCODERS, EXPECTED_ROLES, tiny_inputs, tiny_model
 
@@ -31,6 +32,26 @@ def test_registry_finds_exactly_the_expected_sites_and_roles(model_type):
     norm_like = {name for name, module in model.named_modules()
                  if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")}
     assert norm_like == {site.name for site in sites}
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_observing_norm_inputs_skips_the_head_and_sees_what_a_full_forward_feeds_the_norms(model_type):
+    model, ids = tiny_model(model_type), tiny_inputs()
+    names = [site.name for site in hf_dynorm.find_norm_sites(model)]
+
+    def observed(call):
+        seen = {}
+        with torch.no_grad(), observing_norm_inputs(model, {n: lambda x, n=n: seen.setdefault(n, x) for n in names}) \
+                as run:
+            call(run)
+        return seen, run
+
+    (through_run, run), (through_model, _) = observed(lambda run: run(input_ids=ids)), \
+        observed(lambda _: model(input_ids=ids))
+    assert through_run.keys() == through_model.keys() == set(names)
+    assert all(torch.equal(through_run[n], through_model[n]) for n in names)
+    # the base model where every site is in it; MLM heads hold a norm, so an encoder needs the whole model
+    assert run is (model if model_type in ENCODERS else model.base_model) and model.base_model is not model
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
