@@ -230,14 +230,45 @@ def schedule_length(config: DistillConfig, sites: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# rows of logits per chunk of the KL loss: ~1M fp32 elements (21 rows of SmolLM2's 49152-token vocabulary)
+KL_CHUNK_ELEMENTS = 1 << 20
+
+
+class SoftenedKL(torch.autograd.Function):
+    """KL(teacher || student) of the logits softened by temperature T, mean over positions, times T^2 (Hinton).
+
+    Chunks of rows at a time, the gradient ``T (softmax(s / T) - softmax(t / T)) / positions`` computed in the
+    forward while a chunk's softmaxes are in cache: the only vocabulary-sized tensor it keeps is that gradient,
+    where log_softmax + kl_div keep both log-softmaxes and write four more full-size temporaries. SmolLM2's
+    (2, 256, 49152) logits, forward + backward: 0.38-0.48 s -> 0.12-0.14 s (one in-process A/B), same value.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature: float):
+        student, teacher = (logits.reshape(-1, logits.shape[-1]) for logits in (student_logits, teacher_logits))
+        positions, chunk = student.shape[0], max(1, KL_CHUNK_ELEMENTS // student.shape[-1])
+        grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
+        total = student.new_zeros((), dtype=torch.float32)
+        for rows in (slice(first, first + chunk) for first in range(0, positions, chunk)):
+            student_log = F.log_softmax(student[rows].float() / temperature, -1)
+            teacher_log = F.log_softmax(teacher[rows].float() / temperature, -1)
+            teacher_p = teacher_log.exp()
+            total += teacher_log.sub_(student_log).mul_(teacher_p).sum()
+            torch.sub(student_log.exp_(), teacher_p, out=grad[rows]).mul_(temperature / positions)
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = student_logits.shape, student_logits.dtype
+        return total * (temperature * temperature / positions)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).view(ctx.shape).to(ctx.dtype), None, None
+
+
 def losses(config, student_out, teacher_out, labels, sites) -> dict[str, torch.Tensor]:
     terms = {}
     if config.kl_weight:
-        t = config.temperature
-        student_log = F.log_softmax(student_out.logits.float() / t, -1)
-        teacher_log = F.log_softmax(teacher_out.logits.float() / t, -1)
-        terms["kl"] = F.kl_div(student_log.flatten(0, 1), teacher_log.flatten(0, 1), log_target=True,
-                               reduction="batchmean") * t * t
+        terms["kl"] = SoftenedKL.apply(student_out.logits, teacher_out.logits.detach(), config.temperature)
     if config.ce_weight:
         terms["ce"] = F.cross_entropy(student_out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
     if config.hidden_weight:

@@ -13,9 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import hf_dynorm
+import hf_dynorm.distill as distill
 from hf_dynorm.distill import (
     DistillationSite,
     DistillConfig,
+    SoftenedKL,
     apply_schedule,
     parse_config,
     set_teacher,
@@ -28,6 +30,26 @@ from tiny import save_tiny_checkpoint, tiny_inputs, tiny_model
 
 RECIPE = str(Path(__file__).parent.parent / "recipes" / "tiny" / "llama.yaml")
 CPU_2PROC = str(Path(__file__).parent.parent / "recipes" / "accelerate" / "cpu_2proc.yaml")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_softened_kl_is_the_kl_div_of_log_softmaxes_in_value_and_gradient(temperature, monkeypatch):
+    monkeypatch.setattr(distill, "KL_CHUNK_ELEMENTS", 4 * 96)  # 4 rows a chunk: 3 chunks, the last one partial
+    generator = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(2, 5, 96, generator=generator, dtype=torch.float64)).requires_grad_()
+    teacher = student.detach() + torch.randn(2, 5, 96, generator=generator, dtype=torch.float64)
+    expected = torch.nn.functional.kl_div(torch.log_softmax(student / temperature, -1).flatten(0, 1),
+                                          torch.log_softmax(teacher / temperature, -1).flatten(0, 1),
+                                          log_target=True, reduction="batchmean") * temperature ** 2
+    (expected_grad,) = torch.autograd.grad(3 * expected, student)
+    fused_student = student.detach().float().requires_grad_()
+    loss = SoftenedKL.apply(fused_student, teacher.float(), temperature)
+    (3 * loss).backward()  # a loss scale other than 1 reaches the gradient
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    torch.testing.assert_close(fused_student.grad.double(), expected_grad, rtol=1e-5, atol=1e-7)  # fp32 q - p
+    low = student.detach().bfloat16().requires_grad_()  # mixed precision: the gradient in the logits' dtype
+    SoftenedKL.apply(low, teacher.bfloat16(), temperature).backward()
+    assert low.grad.dtype == torch.bfloat16 and low.grad.shape == student.shape
 
 
 @pytest.fixture(scope="module")
