@@ -5,12 +5,24 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+
+import hf_dynorm
+from tiny import tiny_inputs, tiny_model
 
 BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "run.py"
+
+
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark_run", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_benchmark_command_writes_json_and_the_markdown_table(tmp_path):
@@ -42,9 +54,23 @@ def test_benchmark_command_writes_json_and_the_markdown_table(tmp_path):
 
 
 def test_peak_memory_bandwidth_comes_from_the_card_clock_and_bus_width():
-    spec = importlib.util.spec_from_file_location("benchmark_run", BENCHMARK)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = benchmark_module()
     h100_sxm = SimpleNamespace(memory_clock_rate=2_619_000, memory_bus_width=5120)  # kHz, bits: 3.35 TB/s
     assert benchmark.peak_memory_bandwidth_gb_per_s(h100_sxm) == pytest.approx(3352.3, abs=0.1)
     assert benchmark.peak_memory_bandwidth_gb_per_s(SimpleNamespace()) is None  # an older torch: not reported
+
+
+def test_timing_norm_layers_counts_every_norm_call_and_removes_its_hooks():
+    benchmark, model = benchmark_module(), tiny_model("llama")
+    names = [site.name for site in hf_dynorm.find_norm_sites(model)]
+    for name in names:  # each norm call now takes at least 2 ms, the rest of the forward much less
+        norm = model.get_submodule(name)
+        norm.forward = lambda x, forward=norm.forward: (time.sleep(0.002), forward(x))[1]
+    with benchmark.timing_norm_layers({"tiny": model}, names) as norm_seconds:
+        started = time.perf_counter()
+        inside = norm_seconds(lambda: model(input_ids=tiny_inputs()))
+        wall = time.perf_counter() - started
+    assert 0.002 * len(names) <= inside <= wall
+    assert not any(model.get_submodule(n)._forward_hooks or model.get_submodule(n)._forward_pre_hooks for n in names)
+    with torch.no_grad():
+        model(input_ids=tiny_inputs())  # still runs without them
