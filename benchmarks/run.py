@@ -7,9 +7,9 @@ DyISRU (16 anchors; reference, fused), forward and forward+backward, three shape
 with the fused paths' memory bandwidth against a plain copy timed in the same rounds. On a GPU the Triton kernels
 join, timed with CUDA events after an L2 flush, and the card's specified bandwidth is reported too.
 Model level: SmolLM2-135M original against converted (and an A/A copy of the original), forward, a training step,
-generation, and the norm layers alone. Pipeline: calibration, evaluation against a plain forward loop,
-outlier-fidelity hook overhead. Distillation: a step per mode, run first (subprocesses: each reports its own peak
-memory). Times are medians of repeats.
+generation, and the time of the norm layers (inside those passes, and called alone on captured inputs).
+Pipeline: calibration, evaluation against a plain forward loop, outlier-fidelity hook overhead. Distillation: a
+step per mode, run first (subprocesses: each reports its own peak memory). Times are medians of repeats.
 """
 
 from __future__ import annotations
