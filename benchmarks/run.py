@@ -231,8 +231,8 @@ def timing_norm_layers(models: dict, site_names: list[str]):
     """Within the block, hooks around every norm layer of each model add the seconds spent inside it to one
     counter; yields a timer for `interleaved_times` that gives a call's seconds inside the norm layers. This is what
     the real forward pays: each norm's input was just written by a residual add and the threads come back from a
-    matmul, which a replay of captured inputs does not reproduce (on this CPU a (2, 256, 576) RMSNorm took ~125 us
-    alone and ~400 us right after a matmul, with DyISRU at ~128 and ~340)."""
+    matmul, which a replay of captured inputs does not reproduce (on this CPU a (2, 256, 576) RMSNorm took 120-145 us
+    alone and 370-470 us right after a matmul, DyISRU 130-145 and 260-360 us: README, Benchmarks)."""
     spent, started = [0.0], {}
 
     def start(module, args):
