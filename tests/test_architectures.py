@@ -41,13 +41,13 @@ def test_observing_norm_inputs_skips_the_head_and_sees_what_a_full_forward_feeds
 
     def observed(call):
         seen = {}
-        with torch.no_grad(), observing_norm_inputs(model, {n: lambda x, n=n: seen.setdefault(n, x) for n in names}) \
-                as run:
+        observers = {n: lambda x, n=n: seen.setdefault(n, x) for n in names}
+        with torch.no_grad(), observing_norm_inputs(model, observers) as run:
             call(run)
         return seen, run
 
-    (through_run, run), (through_model, _) = observed(lambda run: run(input_ids=ids)), \
-        observed(lambda _: model(input_ids=ids))
+    through_run, run = observed(lambda run: run(input_ids=ids))
+    through_model, _ = observed(lambda _: model(input_ids=ids))
     assert through_run.keys() == through_model.keys() == set(names)
     assert all(torch.equal(through_run[n], through_model[n]) for n in names)
     # the base model where every site is in it; MLM heads hold a norm, so an encoder needs the whole model
