@@ -72,22 +72,20 @@ def _forward_kernel(X, Y, P, W, B, rows, channels, stride, IS_DYT: tl.constexpr,
 
 
 @triton.jit
-def _anchored_forward_kernel(X, Y, P, W, B, rows, channels, stride, A, AW, anchor_count, anchor_scale,
+def _anchored_forward_kernel(X, Y, P, W, B, rows, channels, stride, A, OWN, CPL, anchor_count,
                              PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr):
-    """Anchored DyISRU (modeling_dynorm.dyisru): each tile loads its rows' few anchor entries for the coupled
-    term, so the whole function is still one pass over x."""
+    """Anchored DyISRU (modeling_dynorm.dyisru, with the vectors of an AnchorCoupling): each tile loads its rows'
+    few anchor entries for the coupled term, so the whole function is still one pass over x."""
     offsets, row, col, mask = _tile(tl.program_id(0), rows, channels, stride, BLOCK_ROWS, BLOCK_C)
     slot = tl.arange(0, BLOCK_A)
     anchors = tl.load(A + slot, mask=slot < anchor_count, other=-1)
     anchor_mask = (row[:, None] < rows) & (anchors[None, :] >= 0)
     x_anchors = tl.load(X + row[:, None] * stride + anchors[None, :], mask=anchor_mask, other=0.0).to(tl.float32)
-    anchor_weight = tl.load(AW).to(tl.float32)
-    coupled = anchor_scale * anchor_weight * tl.sum(x_anchors * x_anchors, 1)
-    is_anchor = tl.sum((col[:, None] == anchors[None, :]).to(tl.float32), 1)
+    coupled = tl.load(CPL).to(tl.float32) * tl.sum(x_anchors * x_anchors, 1)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    own_square = x * x * (1.0 - anchor_weight * is_anchor[None, :])  # an anchor's own square counts via coupled
-    denominator = _channel_values(P, col, channels, PER_CHANNEL) + coupled[:, None] + own_square
+    own_square = tl.load(OWN + col, mask=col < channels, other=1.0).to(tl.float32)[None, :]
+    denominator = _channel_values(P, col, channels, PER_CHANNEL) + coupled[:, None] + x * x * own_square
     _store_output(Y, W, B, x / tl.sqrt(denominator), offsets, col, mask, channels, HAS_BIAS)
 
 
@@ -201,11 +199,12 @@ def _autograd_function(name: str, is_dyt: bool, doc: str) -> type:
     return type(name, (torch.autograd.Function,), members)
 
 
-def _anchored_values(x, kappa, weight, bias, anchors, anchor_coupling):
-    """Anchored DyISRU's forward values (modeling_dynorm.FusedDyISRU.values with anchors) in one kernel."""
-    anchor_weight, anchor_scale = anchor_coupling
-    return _launch_forward(_anchored_forward_kernel, x, kappa, weight, bias, anchors.contiguous(), anchor_weight,
-                           anchors.numel(), float(anchor_scale), BLOCK_A=triton.next_power_of_2(anchors.numel()))[0]
+def _anchored_values(x, kappa, weight, bias, anchors):
+    """Anchored DyISRU's forward values (modeling_dynorm.FusedDyISRU.values with an AnchorCoupling) in one
+    kernel."""
+    channels = anchors.channels.contiguous()
+    return _launch_forward(_anchored_forward_kernel, x, kappa, weight, bias, channels, anchors.own_square,
+                           anchors.coupled, channels.numel(), BLOCK_A=triton.next_power_of_2(channels.numel()))[0]
 
 
 TritonDyISRU = _autograd_function("TritonDyISRU", False, "weight * x / sqrt(kappa + x^2) + bias")
@@ -214,7 +213,7 @@ TritonDyT = _autograd_function("TritonDyT", True, "weight * tanh(alpha * x) + bi
 
 class TritonAnchoredDyISRU(FusedDyISRU):
     """Anchored DyISRU whose forward values (inference: nothing needs a gradient) run one kernel where the PyTorch
-    path launches about a dozen; with autograd it is FusedDyISRU (the coupled gradient stays in PyTorch)."""
+    path launches nine; with autograd it is FusedDyISRU (the coupled gradient stays in PyTorch)."""
 
     values = staticmethod(_anchored_values)
 

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -170,76 +171,90 @@ def _saved_inputs(ctx):
     return x, parameter, weight, dtype, _as(parameter, dtype), _as(weight, dtype)
 
 
-def _dyisru_denominator(xf, k, anchors, anchor_coupling):
-    """kappa + x^2 (+ the anchors' coupled term) as one new fp32 tensor, the anchors' coupled term per row (before
-    its anchor_scale, anchor_weight included) and the anchor columns of x (None, None without anchors).
+class AnchorCoupling(NamedTuple):
+    """Anchored DyISRU's anchors as the fast paths compute with them: the anchor `channels` (indices), the weight of
+    each channel's own x_i^2 in its denominator (`own_square`: 1 - anchor_weight at an anchor, 1 elsewhere) and the
+    weight of the row's sum of anchor squares in every denominator (`coupled`: anchor_weight * anchor_scale, shape
+    (1,)). The own-square vector takes an anchor's square out with one element-wise product where a scatter into
+    the anchor columns took one op more and cost about a pass (README, Benchmarks)."""
 
-    The coupled term is ``c sum_{a in anchors} x_a^2`` with c = anchor_weight * anchor_scale, and an anchor's own
-    square counts only through it (its x_i^2 is taken out again with weight anchor_weight): see `dyisru`.
+    channels: torch.Tensor
+    own_square: torch.Tensor
+    coupled: torch.Tensor
+
+    @classmethod
+    def of(cls, channels: torch.Tensor, weight: torch.Tensor | float, scale: float, width: int,
+           dtype: torch.dtype) -> AnchorCoupling:
+        """The coupling of distinct anchor `channels` among `width` channels, in the compute dtype `dtype`."""
+        weight = torch.as_tensor(weight, dtype=dtype, device=channels.device).reshape(1)
+        is_anchor = torch.zeros(width, dtype=dtype, device=channels.device).index_fill_(0, channels, 1.0)
+        return cls(channels, torch.addcmul(torch.ones_like(is_anchor), is_anchor, weight, value=-1), weight * scale)
+
+
+def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
+    """kappa + x^2 (+ the anchors' coupled term: see `dyisru`) as one new tensor; its part that does not depend on
+    x_i (kappa, plus the row's coupled term where anchored: d denominator_i / d x_i^2 is then own_square); and the
+    anchor columns of x (None without anchors).
+
+    Anchored, the coupled term comes from the gathered anchor columns before x^2 is formed: against gathering
+    after the first full pass and scattering the take-back, an anchored norm took 351-363 against 411-435 us at
+    (2, 256, 576) right after a matmul and 19-21 against 28-35 us at a decode step (interleaved A/Bs).
     """
-    denominator = torch.addcmul(k, xf, xf)
     if anchors is None:
-        return denominator, None, None
-    weight, scale = anchor_coupling
-    # gathered after the full pass above, while x is in cache: from cold memory the gather alone costs about a pass
-    anchor_values = xf.index_select(-1, anchors)
-    # weighted once, for the sum and the take-back alike: one op fewer, SmolLM2's 61 anchored layers per decode step
-    # 2.03 -> 1.96 and 2.13 -> 2.01 ms (two A/Bs on the model's own norm inputs)
-    weighted_squares = anchor_values.square().mul_(weight)
-    coupled = weighted_squares.sum(-1, keepdim=True)
-    denominator.add_(coupled, alpha=scale).index_add_(-1, anchors, weighted_squares, alpha=-1)
-    return denominator, coupled, anchor_values
+        return torch.addcmul(k, xf, xf), k, None
+    anchor_values = xf.index_select(-1, anchors.channels)
+    offset = torch.addcmul(k, anchor_values.square().sum(-1, keepdim=True), anchors.coupled)
+    squares = torch.mul(xf, xf)
+    return torch.addcmul(offset, squares, anchors.own_square, out=squares), offset, anchor_values
 
 
 class FusedDyISRU(torch.autograd.Function):
-    """Pure or anchored DyISRU; ``anchors`` (channel indices) with ``anchor_coupling`` = (anchor_weight,
-    anchor_scale) gives the anchored form, with one full-size pass more than the pure one (the coupled term)."""
+    """Pure or anchored DyISRU (`anchors`: an AnchorCoupling)."""
 
     @staticmethod
-    def values(x, kappa, weight, bias, anchors=None, anchor_coupling=None):
+    def values(x, kappa, weight, bias, anchors=None):
         """The forward values without autograd's bookkeeping (what `forward` returns)."""
         dtype = compute_dtype(x)
         k, w, b = _as(kappa, dtype), _as(weight, dtype), None if bias is None else _as(bias, dtype)
 
         def compute(xf):
-            denominator, _, _ = _dyisru_denominator(xf, k, anchors, anchor_coupling)
+            denominator, _, _ = _dyisru_denominator(xf, k, anchors)
             response = denominator.rsqrt_().mul_(xf)  # x / sqrt(denominator)
             return response.mul_(w) if b is None else torch.addcmul(b, response, w, out=response)
 
         return _blockwise_values(x, dtype, compute)
 
     @staticmethod
-    def forward(ctx, x, kappa, weight, bias, anchors=None, anchor_coupling=None):
+    def forward(ctx, x, kappa, weight, bias, anchors=None):
         _save_inputs(ctx, x, kappa, weight, bias)
-        ctx.anchors, ctx.anchor_coupling = anchors, anchor_coupling
-        return FusedDyISRU.values(x, kappa, weight, bias, anchors, anchor_coupling)
+        ctx.anchors = anchors
+        return FusedDyISRU.values(x, kappa, weight, bias, anchors)
 
     @staticmethod
     def backward(ctx, grad):
         x, kappa, weight, dtype, k, w = _saved_inputs(ctx)
-        anchors, anchor_coupling = ctx.anchors, ctx.anchor_coupling
+        anchors = ctx.anchors
 
         def compute(xf, g):
-            denominator, coupled, anchor_values = _dyisru_denominator(xf, k, anchors, anchor_coupling)
+            denominator, offset, anchor_values = _dyisru_denominator(xf, k, anchors)
             r = denominator.rsqrt_()
             g_r = g * r
             grad_weight = _sum_rows(g_r * xf)  # sum of g x r
             g_r3 = g_r.mul_(r.square_())  # g r^3
             g_r3_x = torch.mul(g_r3, xf, out=r)
             grad_kappa = _sum_rows(g_r3_x)  # times -w / 2: d/dkappa x r = -x r^3 / 2
-            # d y_i / d x_i = w r^3 (denominator - x_i^2 d(denominator)/d(x_i^2)) = w r^3 (kappa + the coupled term)
+            # d y_i / d x_i = w r^3 (denominator - x_i^2 d(denominator)/d(x_i^2)) = w r^3 offset
             if anchors is None:
                 grad_x = g_r3.mul_(w * k)
             else:  # each anchor's square also sits in every channel's denominator of its row
-                anchor_weight, anchor_scale = anchor_coupling
-                grad_x = g_r3.mul_(w).mul_(torch.add(k, coupled, alpha=anchor_scale))
+                grad_x = g_r3.mul_(w).mul_(offset)
                 pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
-                grad_x.index_add_(-1, anchors, anchor_values.mul_(pull).mul_(anchor_weight), alpha=-anchor_scale)
+                grad_x.index_add_(-1, anchors.channels, anchor_values.mul_(pull).mul_(anchors.coupled), alpha=-1)
             return grad_x, [grad_kappa, grad_weight, _sum_rows(g) if ctx.has_bias else None]
 
         grad_x, (grad_kappa, grad_weight, grad_bias) = _blockwise_backward(x, grad, dtype, compute)
         return (grad_x, _parameter_grad(-0.5 * w * grad_kappa, kappa), grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(weight.dtype), None, None)
+                None if grad_bias is None else grad_bias.to(weight.dtype), None)
 
 
 class FusedDyT(torch.autograd.Function):
@@ -390,10 +405,12 @@ class DyISRU(_ElementwiseNorm):
         super().__init__(channels, bias=bias)
         self.anchor_scale = float(anchor_scale)
         self.log_kappa = self._scalar_or_channel(per_channel, math.log(kappa))
-        if isinstance(anchors, int):
-            anchors = torch.arange(anchors)  # placeholder indices, overwritten by load_state_dict or set_anchors
-        self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.long))
+        # a count gives placeholder indices, overwritten by load_state_dict or set_anchors
+        self.register_buffer("anchors", torch.arange(anchors if isinstance(anchors, int) else 0))
         self.register_buffer("anchor_weight", torch.ones(()))
+        self._coupling: tuple | None = None  # anchors, anchor_weight, their state, and the coupling built from them
+        if not isinstance(anchors, int):
+            self.set_anchors(anchors)
 
     @property
     def per_channel(self) -> bool:
@@ -408,7 +425,26 @@ class DyISRU(_ElementwiseNorm):
         channels = torch.as_tensor(channels, dtype=torch.long, device=self.weight.device).flatten()
         if channels.numel() and (channels.min() < 0 or channels.max() >= self.channels):
             raise ValueError(f"anchor channels must lie in [0, {self.channels}), got {channels.tolist()}")
+        if channels.unique().numel() != channels.numel():
+            raise ValueError(f"anchor channels must be distinct (each couples once), got {channels.tolist()}")
         self.anchors = channels
+
+    def anchor_coupling(self, dtype: torch.dtype) -> AnchorCoupling:
+        """The anchors as an AnchorCoupling in the compute dtype `dtype`, built again only when `anchors`,
+        `anchor_weight` or `anchor_scale` changed: building takes six small ops, which a decode step would pay at
+        every layer.
+        "Changed" is what autograd's saved-tensor check sees (another tensor, or an in-place write such as
+        load_state_dict's copy or distillation's fill_), plus a swapped `.data`; like that check, it does not see
+        a write through `.data`."""
+        anchors, weight = self._buffers["anchors"], self._buffers["anchor_weight"]  # no Module.__getattr__: 0.6 us
+        if torch.compiler.is_compiling() or anchors.is_inference() or weight.is_inference():
+            return AnchorCoupling.of(anchors, weight, self.anchor_scale, self.channels, dtype)  # no version counter
+        state = (dtype, self.anchor_scale, anchors._version, anchors.data_ptr(), weight._version, weight.data_ptr())
+        cached = self._coupling
+        if cached is None or cached[0] is not anchors or cached[1] is not weight or cached[2] != state:
+            coupling = AnchorCoupling.of(anchors, weight, self.anchor_scale, self.channels, dtype)
+            cached = self._coupling = (anchors, weight, state, coupling)
+        return cached[3]
 
     def spec(self) -> dict:
         spec = {**super().spec(), "anchors": int(self.anchors.numel())}
@@ -417,11 +453,11 @@ class DyISRU(_ElementwiseNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return dyisru(x, self.kappa, self.weight, self.bias, self.anchors, self.anchor_weight, self.anchor_scale)
-        if self.anchors.numel() == 0:
+        if self._buffers["anchors"].numel() == 0:
             return self._run_fused(self._fused_function(x, FusedDyISRU), x, self.kappa)
         # the anchored form: one Triton kernel for its forward values on CUDA (inference), else the PyTorch Function
         function = self._fused_function(x, FusedDyISRU, "dyisru_anchored")
-        return self._run_fused(function, x, self.kappa, self.anchors, (self.anchor_weight, self.anchor_scale))
+        return self._run_fused(function, x, self.kappa, self.anchor_coupling(compute_dtype(x)))
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, per_channel={self.per_channel}, bias={self.bias is not None}, "

@@ -28,9 +28,9 @@ from hf_dynorm import kernels
 
 # argument name -> Triton type; STREAM is the input/output dtype under test, parameters and partial sums are fp32
 ARGUMENT_TYPES = {"X": "*STREAM", "Y": "*STREAM", "G": "*STREAM", "DX": "*STREAM", "W": "*STREAM", "B": "*STREAM",
-                  "P": "*fp32", "DP": "*fp32", "DW": "*fp32", "DB": "*fp32", "A": "*i64", "AW": "*fp32",
-                  "rows": "i32", "channels": "i32", "stride": "i32", "tiles_per_program": "i32",
-                  "anchor_count": "i32", "anchor_scale": "fp32"}
+                  "P": "*fp32", "DP": "*fp32", "DW": "*fp32", "DB": "*fp32", "A": "*i64", "OWN": "*fp32",
+                  "CPL": "*fp32", "rows": "i32", "channels": "i32", "stride": "i32", "tiles_per_program": "i32",
+                  "anchor_count": "i32"}
 DIVISIBLE_BY_16 = {"rows", "channels", "stride"}
 COMMON = {"PER_CHANNEL": False, "HAS_BIAS": True, "BLOCK_ROWS": kernels.BLOCK_ROWS, "BLOCK_C": kernels.BLOCK_C}
 KERNELS = {

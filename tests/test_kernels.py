@@ -15,7 +15,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and Triton's interpreter is off (tests/conftest.py turns it on)", allow_module_level=True)
 
 from hf_dynorm.kernels import TritonAnchoredDyISRU, TritonDyISRU, TritonDyT  # noqa: E402
-from hf_dynorm.modeling_dynorm import _gpu_function, dyisru, dyt  # noqa: E402
+from hf_dynorm.modeling_dynorm import AnchorCoupling, _gpu_function, dyisru, dyt  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 C = 200  # not a multiple of the 128-channel tile; 21 rows are not a multiple of the 16-row tile
@@ -75,9 +75,9 @@ def test_anchored_kernel_matches_reference_values(dtype, anchor_weight, anchor_s
     kappa = 900.0 * (torch.rand(C if per_channel else 1, generator=generator) + 0.5)
     weight, bias = torch.rand(C, generator=generator) + 0.5, torch.randn(C, generator=generator)
     x, kappa, weight, bias, anchors = (t.to(DEVICE) for t in (x.to(dtype), kappa, weight, bias, anchors))
-    coupling = (torch.tensor(anchor_weight, device=DEVICE), anchor_scale)
+    coupling = AnchorCoupling.of(anchors, anchor_weight, anchor_scale, C, torch.float32)
 
-    got = TritonAnchoredDyISRU.values(x, kappa, weight, bias, anchors, coupling)
+    got = TritonAnchoredDyISRU.values(x, kappa, weight, bias, coupling)
     truth = dyisru(x.double(), kappa.double(), weight.double(), bias.double(), anchors, anchor_weight, anchor_scale)
     assert got.dtype == dtype and got.shape == x.shape
     tolerance = (1e-2 if dtype != torch.float32 else 1e-5) * truth.abs().max().item()
@@ -87,7 +87,7 @@ def test_anchored_kernel_matches_reference_values(dtype, anchor_weight, anchor_s
     from hf_dynorm.modeling_dynorm import FusedDyISRU
 
     grad = torch.randn(x.shape, generator=generator).to(x)
-    tracked = [_run(function.apply, x, kappa, weight, bias, grad, anchors, coupling)
+    tracked = [_run(function.apply, x, kappa, weight, bias, grad, coupling)
                for function in (TritonAnchoredDyISRU, FusedDyISRU)]
     assert all(torch.equal(a, b) for a, b in zip(*tracked))
 

@@ -103,7 +103,7 @@ def test_set_anchors_rejects_out_of_range():
 @pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_fused_path_gradients_are_exact(kind, per_channel):
-    from hf_dynorm.modeling_dynorm import FusedDyISRU, FusedDyT
+    from hf_dynorm.modeling_dynorm import AnchorCoupling, FusedDyISRU, FusedDyT
 
     torch.manual_seed(0)
     x = (torch.randn(3, 5, 8, dtype=torch.float64) * 4).requires_grad_()
@@ -114,7 +114,7 @@ def test_fused_path_gradients_are_exact(kind, per_channel):
         assert torch.autograd.gradcheck(FusedDyT.apply, (x, parameter, weight, bias))
         return
     kappa = (parameter * 20).detach().requires_grad_()
-    anchored = (torch.tensor([6, 1]), (torch.tensor(0.7, dtype=torch.float64), 1.3)) if kind == "anchored" else ()
+    anchored = (AnchorCoupling.of(torch.tensor([6, 1]), 0.7, 1.3, 8, torch.float64),) if kind == "anchored" else ()
     assert torch.autograd.gradcheck(lambda *inputs: FusedDyISRU.apply(*inputs, *anchored), (x, kappa, weight, bias))
 
 
@@ -135,6 +135,43 @@ def test_fused_anchored_dyisru_is_the_reference_form(anchor_weight):
         outputs.append([y, inputs.grad, *(p.grad for p in module.parameters())])
     for fused_value, reference_value in zip(*outputs):
         torch.testing.assert_close(fused_value, reference_value, rtol=1e-12, atol=1e-12)
+
+
+def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
+    """The fused path builds its anchor vectors once; every way the anchors or anchor_weight change rebuilds them:
+    distillation's fill_, load_state_dict, set_anchors, a swapped .data, a dtype change."""
+    torch.manual_seed(3)
+    module = DyISRU(C, kappa=50.0, anchors=[5, 2, 11], anchor_scale=0.25)
+    x = torch.randn(3, 7, C) * 3
+    x[..., 2] = 300.0
+
+    def check():
+        with torch.no_grad():
+            expected = dyisru(x.to(module.weight.dtype), module.kappa, module.weight, None, module.anchors,
+                              module.anchor_weight, module.anchor_scale)
+            torch.testing.assert_close(module(x.to(module.weight.dtype)), expected, rtol=1e-6, atol=1e-6)
+
+    check()
+    assert module.anchor_coupling(torch.float32) is module.anchor_coupling(torch.float32)  # built once
+    module.anchor_weight.fill_(0.3)
+    check()
+    state = {**module.state_dict(), "anchors": torch.tensor([0, 7, 13]), "anchor_weight": torch.tensor(0.6)}
+    module.load_state_dict(state)
+    check()
+    module.set_anchors([1, 4, 9, 15])
+    check()
+    module.anchor_weight.data = torch.tensor(0.1)
+    check()
+    module.double()
+    check()
+    with torch.inference_mode():  # inference tensors have no version counter: built on every call
+        fresh = DyISRU(C, kappa=50.0, anchors=[5, 2])
+        assert fresh.anchor_coupling(torch.float32) is not fresh.anchor_coupling(torch.float32)
+
+
+def test_set_anchors_rejects_repeated_channels():
+    with pytest.raises(ValueError, match="anchor channels must be distinct"):
+        DyISRU(C, anchors=[3, 4, 3])
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
