@@ -175,8 +175,8 @@ class AnchorCoupling(NamedTuple):
     """Anchored DyISRU's anchors as the fast paths compute with them: the anchor `channels` (indices), the weight of
     each channel's own x_i^2 in its denominator (`own_square`: 1 - anchor_weight at an anchor, 1 elsewhere) and the
     weight of the row's sum of anchor squares in every denominator (`coupled`: anchor_weight * anchor_scale, shape
-    (1,)). The own-square vector takes an anchor's square out with one element-wise product where a scatter into
-    the anchor columns took one op more and cost about a pass (README, Benchmarks)."""
+    (1,)). With the own-square vector, the addcmul that forms the denominator also takes each anchor's own square
+    out, where a scatter into the anchor columns was one op more (`_dyisru_denominator` has the measurements)."""
 
     channels: torch.Tensor
     own_square: torch.Tensor
@@ -196,15 +196,18 @@ def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
     x_i (kappa, plus the row's coupled term where anchored: d denominator_i / d x_i^2 is then own_square); and the
     anchor columns of x (None without anchors).
 
-    Anchored, the coupled term comes from the gathered anchor columns before x^2 is formed: against gathering
-    after the first full pass and scattering the take-back, an anchored norm took 351-363 against 411-435 us at
-    (2, 256, 576) right after a matmul and 19-21 against 28-35 us at a decode step (interleaved A/Bs).
+    Anchored: x^2 first (a full pass, which brings x into cache), then the coupled term from the gathered anchor
+    columns, then one addcmul with own_square where the former form added the coupled term in a second full pass
+    and scattered each anchor's take-back into its column. SmolLM2's 61 anchored layers, in-process A/Bs against
+    that form: 20.8-24.0 against 22.3-26.9 ms inside the real 2 x 256 forward, 10.7-10.8 against 11.9 ms on its
+    captured inputs, 1.47-1.52 against 1.72-1.78 ms per decode step, forward+backward 44.5-74.5 against
+    47.1-79.6 ms. Gathering before x^2 took 13.5 ms there: from memory the gather alone costs about a pass.
     """
     if anchors is None:
         return torch.addcmul(k, xf, xf), k, None
+    squares = torch.mul(xf, xf)
     anchor_values = xf.index_select(-1, anchors.channels)
     offset = torch.addcmul(k, anchor_values.square().sum(-1, keepdim=True), anchors.coupled)
-    squares = torch.mul(xf, xf)
     return torch.addcmul(offset, squares, anchors.own_square, out=squares), offset, anchor_values
 
 
