@@ -432,7 +432,7 @@ class DyISRU(_ElementwiseNorm):
             raise ValueError(f"anchor channels must be distinct (each couples once), got {channels.tolist()}")
         self.anchors = channels
 
-    def anchor_coupling(self, dtype: torch.dtype) -> AnchorCoupling:
+    def _anchor_coupling(self, dtype: torch.dtype) -> AnchorCoupling:
         """The anchors as an AnchorCoupling in the compute dtype `dtype`, built again only when `anchors`,
         `anchor_weight` or `anchor_scale` changed: building takes six small ops, which a decode step would pay at
         every layer.
@@ -460,7 +460,7 @@ class DyISRU(_ElementwiseNorm):
             return self._run_fused(self._fused_function(x, FusedDyISRU), x, self.kappa)
         # the anchored form: one Triton kernel for its forward values on CUDA (inference), else the PyTorch Function
         function = self._fused_function(x, FusedDyISRU, "dyisru_anchored")
-        return self._run_fused(function, x, self.kappa, self.anchor_coupling(compute_dtype(x)))
+        return self._run_fused(function, x, self.kappa, self._anchor_coupling(compute_dtype(x)))
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, per_channel={self.per_channel}, bias={self.bias is not None}, "

@@ -138,8 +138,9 @@ def test_fused_anchored_dyisru_is_the_reference_form(anchor_weight):
 
 
 def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
-    """The fused path builds its anchor vectors once; every way the anchors or anchor_weight change rebuilds them:
-    distillation's fill_, load_state_dict, set_anchors, a swapped .data, a dtype change."""
+    """The fused path builds its anchor vectors once; every way the anchors, anchor_weight or anchor_scale change
+    rebuilds them: distillation's fill_, load_state_dict, set_anchors, a swapped .data, a new scale, a dtype
+    change."""
     torch.manual_seed(3)
     module = DyISRU(C, kappa=50.0, anchors=[5, 2, 11], anchor_scale=0.25)
     x = torch.randn(3, 7, C) * 3
@@ -152,7 +153,7 @@ def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
             torch.testing.assert_close(module(x.to(module.weight.dtype)), expected, rtol=1e-6, atol=1e-6)
 
     check()
-    assert module.anchor_coupling(torch.float32) is module.anchor_coupling(torch.float32)  # built once
+    assert module._anchor_coupling(torch.float32) is module._anchor_coupling(torch.float32)  # built once
     module.anchor_weight.fill_(0.3)
     check()
     state = {**module.state_dict(), "anchors": torch.tensor([0, 7, 13]), "anchor_weight": torch.tensor(0.6)}
@@ -162,11 +163,13 @@ def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
     check()
     module.anchor_weight.data = torch.tensor(0.1)
     check()
+    module.anchor_scale = 0.5
+    check()
     module.double()
     check()
     with torch.inference_mode():  # inference tensors have no version counter: built on every call
         fresh = DyISRU(C, kappa=50.0, anchors=[5, 2])
-        assert fresh.anchor_coupling(torch.float32) is not fresh.anchor_coupling(torch.float32)
+        assert fresh._anchor_coupling(torch.float32) is not fresh._anchor_coupling(torch.float32)
 
 
 def test_set_anchors_rejects_repeated_channels():
