@@ -201,7 +201,8 @@ def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
     and scattered each anchor's take-back into its column. SmolLM2's 61 anchored layers, in-process A/Bs against
     that form: 20.8-24.0 against 22.3-26.9 ms inside the real 2 x 256 forward, 10.7-10.8 against 11.9 ms on its
     captured inputs, 1.47-1.52 against 1.72-1.78 ms per decode step, forward+backward 44.5-74.5 against
-    47.1-79.6 ms. Gathering before x^2 took 13.5 ms there: from memory the gather alone costs about a pass.
+    47.1-79.6 ms. Gathering before x^2 took 13.5-13.6 against 11.8 ms on the captured inputs: from memory the
+    gather alone costs about a pass.
     """
     if anchors is None:
         return torch.addcmul(k, xf, xf), k, None
@@ -435,10 +436,9 @@ class DyISRU(_ElementwiseNorm):
     def _anchor_coupling(self, dtype: torch.dtype) -> AnchorCoupling:
         """The anchors as an AnchorCoupling in the compute dtype `dtype`, built again only when `anchors`,
         `anchor_weight` or `anchor_scale` changed: building takes six small ops, which a decode step would pay at
-        every layer.
-        "Changed" is what autograd's saved-tensor check sees (another tensor, or an in-place write such as
-        load_state_dict's copy or distillation's fill_), plus a swapped `.data`; like that check, it does not see
-        a write through `.data`."""
+        every layer. "Changed" is what autograd's saved-tensor check sees (another tensor, or an in-place write
+        such as load_state_dict's copy or distillation's fill_), plus a swapped `.data`; like that check, it does
+        not see a write through `.data`."""
         anchors, weight = self._buffers["anchors"], self._buffers["anchor_weight"]  # no Module.__getattr__: 0.6 us
         if torch.compiler.is_compiling() or anchors.is_inference() or weight.is_inference():
             return AnchorCoupling.of(anchors, weight, self.anchor_scale, self.channels, dtype)  # no version counter
