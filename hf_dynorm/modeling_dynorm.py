@@ -187,8 +187,8 @@ class AnchorCoupling(NamedTuple):
            dtype: torch.dtype) -> AnchorCoupling:
         """The coupling of distinct anchor `channels` among `width` channels, in the compute dtype `dtype`."""
         weight = torch.as_tensor(weight, dtype=dtype, device=channels.device).reshape(1)
-        is_anchor = torch.zeros(width, dtype=dtype, device=channels.device).index_fill_(0, channels, 1.0)
-        return cls(channels, torch.addcmul(torch.ones_like(is_anchor), is_anchor, weight, value=-1), weight * scale)
+        weighted = torch.zeros(width, dtype=dtype, device=channels.device).index_fill_(0, channels, 1.0).mul_(weight)
+        return cls(channels, 1 - weighted, weight * scale)
 
 
 def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
