@@ -173,14 +173,15 @@ def _saved_inputs(ctx):
 
 class AnchorCoupling(NamedTuple):
     """Anchored DyISRU's anchors as the fast paths compute with them: the anchor `channels` (indices), the weight of
-    each channel's own x_i^2 in its denominator (`own_square`: 1 - anchor_weight at an anchor, 1 elsewhere) and the
+    each channel's own x_i^2 in its denominator (`own_square`: 1 - anchor_weight at an anchor, 1 elsewhere), the
     weight of the row's sum of anchor squares in every denominator (`coupled`: anchor_weight * anchor_scale, shape
-    (1,)). With the own-square vector, the addcmul that forms the denominator also takes each anchor's own square
-    out, where a scatter into the anchor columns was one op more (`_dyisru_denominator` has the measurements)."""
+    (1,)), and that weight per channel (`coupled_weights`: `coupled` at an anchor, 0 elsewhere), so that the row's
+    coupled term is one matrix-vector product of x^2 (`_dyisru_denominator` has the measurements)."""
 
     channels: torch.Tensor
     own_square: torch.Tensor
     coupled: torch.Tensor
+    coupled_weights: torch.Tensor
 
     @classmethod
     def of(cls, channels: torch.Tensor, weight: torch.Tensor | float, scale: float, width: int,
@@ -188,28 +189,41 @@ class AnchorCoupling(NamedTuple):
         """The coupling of distinct anchor `channels` among `width` channels, in the compute dtype `dtype`."""
         weight = torch.as_tensor(weight, dtype=dtype, device=channels.device).reshape(1)
         weighted = torch.zeros(width, dtype=dtype, device=channels.device).index_fill_(0, channels, 1.0).mul_(weight)
-        return cls(channels, 1 - weighted, weight * scale)
+        return cls(channels, 1 - weighted, weight * scale, weighted * scale)
+
+
+# Above this many elements x / sqrt(d) is cheaper as sqrt and a division than as rsqrt and a product; below, the other
+# way round. On this CPU (AVX-512), x / sqrt(d) times the weight at width 576, one in-process run: 512 rows 95
+# against 117 us, 256 rows 57 against 66 us, 64 rows 20.4 against 19.7 us, 16 rows 11.9 against 7.3 us.
+DIVIDE_ABOVE_ELEMENTS = 1 << 16
+
+
+def _divided_by_root(xf: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(denominator), written over denominator."""
+    if denominator.numel() > DIVIDE_ABOVE_ELEMENTS:
+        return torch.div(xf, denominator.sqrt_(), out=denominator)
+    return denominator.rsqrt_().mul_(xf)
 
 
 def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
-    """kappa + x^2 (+ the anchors' coupled term: see `dyisru`) as one new tensor; its part that does not depend on
-    x_i (kappa, plus the row's coupled term where anchored: d denominator_i / d x_i^2 is then own_square); and the
-    anchor columns of x (None without anchors).
+    """kappa + x^2 (+ the anchors' coupled term: see `dyisru`) as one new tensor, and its part that does not depend
+    on x_i (kappa, plus the row's coupled term where anchored: d denominator_i / d x_i^2 is then own_square).
 
-    Anchored: x^2 first (a full pass, which brings x into cache), then the coupled term from the gathered anchor
-    columns, then one addcmul with own_square where the former form added the coupled term in a second full pass
-    and scattered each anchor's take-back into its column. SmolLM2's 61 anchored layers, in-process A/Bs against
-    that form: 20.8-24.0 against 22.3-26.9 ms inside the real 2 x 256 forward, 10.7-10.8 against 11.9 ms on its
-    captured inputs, 1.47-1.52 against 1.72-1.78 ms per decode step, forward+backward 44.5-74.5 against
-    47.1-79.6 ms. Gathering before x^2 took 13.5-13.6 against 11.8 ms on the captured inputs: from memory the
-    gather alone costs about a pass.
+    Anchored: x^2, then the row's coupled term as x^2 times `coupled_weights` (one matrix-vector product), then one
+    addcmul with own_square. The former form gathered the anchor columns and summed their squares (four ops, one of
+    them a strided gather). SmolLM2's 61 anchored layers, this form with `_divided_by_root` against the former,
+    in-process A/B (medians of paired ratios, quartiles): inside the real 2 x 256 forward 1.29x (1.24-1.36), per
+    generated token 1.08x (1.06-1.10), on captured inputs 1.41x (1.37-1.45), forward+backward 1.02x (1.00-1.04); a
+    decode step on captured inputs 0.98x (0.91-1.04), where each op's dispatch is all there is and both forms have
+    about as many ops. A non-finite square anywhere in a row (|x| above 1.8e19 in fp32) makes the whole row NaN
+    (0 * inf), where the reference form's NaN stays in that channel: RMSNorm's mean is as far gone on such a row.
     """
     if anchors is None:
-        return torch.addcmul(k, xf, xf), k, None
+        return torch.addcmul(k, xf, xf), k
     squares = torch.mul(xf, xf)
-    anchor_values = xf.index_select(-1, anchors.channels)
-    offset = torch.addcmul(k, anchor_values.square().sum(-1, keepdim=True), anchors.coupled)
-    return torch.addcmul(offset, squares, anchors.own_square, out=squares), offset, anchor_values
+    coupled = torch.mv(squares.reshape(-1, squares.shape[-1]), anchors.coupled_weights)
+    offset = coupled.view(squares.shape[:-1] + (1,)).add(k)
+    return torch.addcmul(offset, squares, anchors.own_square, out=squares), offset
 
 
 class FusedDyISRU(torch.autograd.Function):
@@ -222,8 +236,8 @@ class FusedDyISRU(torch.autograd.Function):
         k, w, b = _as(kappa, dtype), _as(weight, dtype), None if bias is None else _as(bias, dtype)
 
         def compute(xf):
-            denominator, _, _ = _dyisru_denominator(xf, k, anchors)
-            response = denominator.rsqrt_().mul_(xf)  # x / sqrt(denominator)
+            denominator, _ = _dyisru_denominator(xf, k, anchors)
+            response = _divided_by_root(xf, denominator)
             return response.mul_(w) if b is None else torch.addcmul(b, response, w, out=response)
 
         return _blockwise_values(x, dtype, compute)
@@ -240,7 +254,7 @@ class FusedDyISRU(torch.autograd.Function):
         anchors = ctx.anchors
 
         def compute(xf, g):
-            denominator, offset, anchor_values = _dyisru_denominator(xf, k, anchors)
+            denominator, offset = _dyisru_denominator(xf, k, anchors)
             r = denominator.rsqrt_()
             g_r = g * r
             grad_weight = _sum_rows(g_r * xf)  # sum of g x r
@@ -253,6 +267,7 @@ class FusedDyISRU(torch.autograd.Function):
             else:  # each anchor's square also sits in every channel's denominator of its row
                 grad_x = g_r3.mul_(w).mul_(offset)
                 pull = (g_r3_x @ w).unsqueeze(-1)  # sum over the row's channels of g w x r^3
+                anchor_values = xf.index_select(-1, anchors.channels)
                 grad_x.index_add_(-1, anchors.channels, anchor_values.mul_(pull).mul_(anchors.coupled), alpha=-1)
             return grad_x, [grad_kappa, grad_weight, _sum_rows(g) if ctx.has_bias else None]
 

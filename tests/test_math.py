@@ -172,6 +172,20 @@ def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
         assert fresh._anchor_coupling(torch.float32) is not fresh._anchor_coupling(torch.float32)
 
 
+def test_fused_anchored_dyisru_keeps_a_non_finite_square_in_its_row():
+    """The fused path forms a row's coupled term as x^2 times a per-channel vector, so a square that overflows fp32
+    (|x| above 1.8e19) in any channel makes that row NaN (0 * inf), where the reference's NaN stays in that channel
+    (documented in `_dyisru_denominator`). Every other row keeps its values."""
+    module = DyISRU(C, kappa=4.0, anchors=[1, 3])
+    x = torch.randn(3, C)
+    x[1, 6] = 3e19
+    with torch.no_grad():
+        fused = module(x)
+        reference = dyisru(x, module.kappa, module.weight, None, module.anchors, module.anchor_weight)
+    assert fused[1].isnan().all() and reference[1].isnan().nonzero().flatten().tolist() == [6]
+    torch.testing.assert_close(fused[[0, 2]], reference[[0, 2]])
+
+
 def test_set_anchors_rejects_repeated_channels():
     with pytest.raises(ValueError, match="anchor channels must be distinct"):
         DyISRU(C, anchors=[3, 4, 3])
@@ -200,9 +214,16 @@ def _module_with_random_affine(kind: str, *, kappa: float, alpha: float, anchors
     return module
 
 
-@pytest.mark.parametrize("kind", ["dyisru", "anchored", "dyt"])
+@pytest.mark.parametrize(("kind", "divide_above"), [("dyisru", -1), ("dyisru", 10**9), ("anchored", -1),
+                                                     ("anchored", 10**9), ("dyt", None)],
+                         ids=["dyisru-divide", "dyisru-rsqrt", "anchored-divide", "anchored-rsqrt", "dyt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fused_and_reference_agree_in_value_and_gradient(kind, dtype):
+def test_fused_and_reference_agree_in_value_and_gradient(kind, divide_above, dtype, monkeypatch):
+    """DyISRU both ways of forming x / sqrt(denominator) (chosen by size: DIVIDE_ABOVE_ELEMENTS)."""
+    from hf_dynorm import modeling_dynorm
+
+    if divide_above is not None:
+        monkeypatch.setattr(modeling_dynorm, "DIVIDE_ABOVE_ELEMENTS", divide_above)
     torch.manual_seed(1)
     module = _module_with_random_affine(kind, kappa=900.0, alpha=0.02, anchors=[0, 7])
     x = torch.randn(4, 6, C) * 30
