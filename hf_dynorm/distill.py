@@ -155,6 +155,20 @@ def parse_config(argv: list[str]) -> DistillConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def convert_as_recipe(model: nn.Module, config: DistillConfig, train_ids: torch.Tensor):
+    """Calibrate `model` on `train_ids` and convert it in place as the recipe `config` says: the student's start
+    (and the converted models of benchmarks/run.py). Returns the calibration and the `anchors` option used."""
+    from .calibration import calibrate
+    from .conversion import convert
+
+    calibration = calibrate(model, train_ids, window=config.seq_len, max_windows=config.calibration_windows,
+                            progress=False, label=f"{config.data} ({config.train_split})")
+    anchors = (config.anchors or None) if config.norm == "dyisru" else None
+    convert(model, config.norm, calibration=calibration, estimator=config.estimator, anchors=anchors,
+            bound=config.bound, per_channel=config.per_channel)
+    return calibration, anchors
+
+
 class DistillationSite(nn.Module):
     """The original norm and its element-wise replacement, mixed by `blend` (0: norm, 1: replacement)."""
 
@@ -303,8 +317,7 @@ def train(config: DistillConfig) -> dict | None:
     from tqdm.auto import tqdm
 
     from . import load_model, load_tokenizer
-    from .calibration import calibrate
-    from .conversion import convert, refresh_record, save_converted
+    from .conversion import refresh_record, save_converted
     from .data import full_windows, token_stream
     from .evaluation import perplexity
     from .hub import model_fingerprint, write_card
@@ -333,12 +346,8 @@ def train(config: DistillConfig) -> dict | None:
         return perplexity(model, eval_ids, window=config.eval_window, progress=False, **options)
 
     teacher_nll = held_out(student).mean_nll
-    calibration = calibrate(student, train_ids, window=config.seq_len, max_windows=config.calibration_windows,
-                            progress=False, label=f"{config.data} ({config.train_split})")
-    anchors = (config.anchors or None) if config.norm == "dyisru" else None
     originals = {site.name: student.get_submodule(site.name) for site in find_norm_sites(student)}
-    convert(student, config.norm, calibration=calibration, estimator=config.estimator, anchors=anchors,
-            bound=config.bound, per_channel=config.per_channel)
+    calibration, anchors = convert_as_recipe(student, config, train_ids)
     sensitivity = calibration.local_sensitivity(config.norm, config.estimator, anchors or 0)
     sites = wrap_sites(student, originals)
     for site in sites.values():

@@ -71,3 +71,17 @@ def test_timing_norm_layers_counts_every_norm_call_and_removes_its_hooks():
         wall = time.perf_counter() - started
     assert 0.002 * len(names) <= inside <= wall
     assert not any(model.get_submodule(n)._forward_hooks or model.get_submodule(n)._forward_pre_hooks for n in names)
+
+
+@pytest.mark.real_model
+def test_model_benchmark_converts_as_the_recipe_starts(smollm2):
+    """The model section times the converted models that the SmolLM2 recipes start from (calibrated, bounded,
+    anchored where the recipe is), not default conversions, whose blown-up numbers slow the matmuls down."""
+    benchmark, (model, _) = benchmark_module(), smollm2
+    assert set(benchmark.RECIPE_STARTS) == {"dyisru", "dyisru anchored k=16", "dyt"}
+    converted = benchmark.recipe_start(model, benchmark.RECIPE_STARTS["dyisru anchored k=16"])
+    record = converted.config.dynorm
+    assert record["norm"] == "dyisru" and record["calibration"]["data"] == "wiki-sample (train)"
+    assert {site["anchors"] for site in record["sites"].values()} == {16}
+    assert {site["anchor_scale"] for site in record["sites"].values()} == {4.0**2 / 576}  # bound 4: b^2 / C
+    assert getattr(model.config, "dynorm", None) is None  # the original is left as it was
