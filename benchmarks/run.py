@@ -280,9 +280,9 @@ def recipe_start(original: nn.Module, recipe: str) -> nn.Module:
 def bench_model(repeats: int) -> list[dict]:
     """Tokens/s of SmolLM2-135M original against converted (each as its recipe starts: `recipe_start`): a forward
     and a training step of 2 x 256 tokens, and greedy generation of 32 tokens after a 32-token prompt (decode: one
-    token per forward, where per-call overhead counts). "original (copy)" is an A/A control: its spread is the noise floor of the ratios. The time each model
-    spends in its norm layers is measured twice: inside the real forward and generate passes (timing_norm_layers), and
-    called on captured inputs (bench_model_norms)."""
+    token per forward, where per-call overhead counts). "original (copy)" is an A/A control: its spread is the noise
+    floor of the ratios. The time each model spends in its norm layers is measured twice: inside the real forward
+    and generate passes (timing_norm_layers), and called on captured inputs (bench_model_norms)."""
     # every model a deep copy, so that all hold their weights in memory allocated the same way
     original = copy.deepcopy(hf_dynorm.load_model("smollm2-135m"))
     models = {"original": original, "original (copy)": copy.deepcopy(original),

@@ -213,7 +213,7 @@ TritonDyT = _autograd_function("TritonDyT", True, "weight * tanh(alpha * x) + bi
 
 class TritonAnchoredDyISRU(FusedDyISRU):
     """Anchored DyISRU whose forward values (inference: nothing needs a gradient) run one kernel where the PyTorch
-    path launches nine; with autograd it is FusedDyISRU (the coupled gradient stays in PyTorch)."""
+    path launches seven; with autograd it is FusedDyISRU (the coupled gradient stays in PyTorch)."""
 
     values = staticmethod(_anchored_values)
 
