@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import platform
@@ -270,11 +271,16 @@ def recipe_start(original: nn.Module, recipe: str) -> nn.Module:
     zero-shot), and an anchored model's training step then ran 4.5-4.8x slower than the original's (10.5 against
     2.2 s): denormal numbers in its matmuls, a cost of the broken numbers and not of the norms."""
     config = parse_config(["--config", str(RECIPES / recipe)])
-    tokenizer = hf_dynorm.load_tokenizer(config.model)
-    train_ids = full_windows(token_stream(config.data, tokenizer, config.train_split), config.seq_len)
     model = copy.deepcopy(original)
-    convert_as_recipe(model, config, train_ids)
+    convert_as_recipe(model, config, training_windows(config.model, config.data, config.train_split, config.seq_len))
     return model
+
+
+@functools.cache
+def training_windows(model: str, data: str, split: str, seq_len: int) -> torch.Tensor:
+    """A recipe's training windows, tokenized once for all the recipes that share them."""
+    tokenizer = hf_dynorm.load_tokenizer(model)
+    return full_windows(token_stream(data, tokenizer, split), seq_len)
 
 
 def bench_model(repeats: int) -> list[dict]:
