@@ -157,16 +157,25 @@ def find_norm_sites(model: nn.Module) -> list[NormSite]:
 
 
 @contextmanager
-def observing_norm_inputs(model: nn.Module,
-                          observers: dict[str, Callable[[torch.Tensor], None]]) -> Iterator[nn.Module]:
+def observing_norm_inputs(model: nn.Module, observers: dict[str, Callable[..., None]], *,
+                          with_outputs: bool = False) -> Iterator[nn.Module]:
     """Within the block, every forward of `model` calls observers[name] with the input of the module `name` (a norm
-    site) before that module runs; the hooks are removed on the way out, errors included.
+    site) before that module runs, or, `with_outputs`, with its input and output after it ran (so that an observer
+    that needs the norm's output does not compute it again); the hooks are removed on the way out, errors included.
 
     Yields what to call to feed them: the base model when every site lies inside it, so that no task head runs for
     nothing (SmolLM2's LM head writes 4 x 512 x 49152 fp32 logits, 400 MB, per batch of four windows), else
     `model`."""
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _, args, observe=observe: observe(args[0]))
-               for name, observe in observers.items()]
+    def hook(module: nn.Module, observe):  # the hooks return None whatever observe returns: no output is replaced
+        def before(_, args):
+            observe(args[0])
+
+        def after(_, args, output):
+            observe(args[0], output)
+
+        return module.register_forward_hook(after) if with_outputs else module.register_forward_pre_hook(before)
+
+    handles = [hook(model.get_submodule(name), observe) for name, observe in observers.items()]
     prefix = getattr(model, "base_model_prefix", "")
     inside = prefix and hasattr(model, prefix) and all(name.startswith(prefix + ".") for name in observers)
     try:

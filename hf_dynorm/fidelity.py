@@ -27,7 +27,9 @@ class SiteFidelity:
 
     What depends only on the site's input and the norm's output (selections, the reference's energy, its top-k
     channels and sign bits) is computed once per batch; a candidate then costs one error pass, sums over the
-    selected positions (gathered by index: outliers are few) and one top-k.
+    selected positions (gathered by index: outliers are few), a sign comparison and a top-k overlap (`_top_overlap`).
+    Magnitude tests run on squares (|x| > k rms as x^2 > k^2 mean(x^2)): the squares are needed anyway, and each
+    pass over the activations counts (these updates are most of what fidelity adds to a forward).
     """
 
     def __init__(self, element_k: float, token_m: float, topk: int, keep_points: int):
@@ -39,18 +41,19 @@ class SiteFidelity:
     @torch.no_grad()
     def update(self, x: torch.Tensor, reference: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
         x, reference = x.reshape(-1, x.shape[-1]).float(), reference.reshape(-1, x.shape[-1]).float()
-        token_rms = x.pow(2).mean(-1, keepdim=True).sqrt()
-        reference_abs = reference.abs()
-        outlier_tokens = (token_rms.squeeze(-1) > self.token_m * token_rms.median()).nonzero()
-        outlier_elements = _flat_indices(x.abs() > self.element_k * token_rms)
+        squares, reference_squares = x.square(), reference.square()
+        mean_square = squares.mean(-1, keepdim=True)
+        outlier_tokens = (mean_square.squeeze(-1) > self.token_m ** 2 * mean_square.median()).nonzero()
+        outlier_elements = _flat_indices(squares > self.element_k ** 2 * mean_square)
         selections = {  # the row-major indices of the selected elements; None: every element
             "all": None,
             "outlier_elements": outlier_elements,
             "outlier_tokens": (outlier_tokens * x.shape[-1] + torch.arange(x.shape[-1], device=x.device)).view(-1),
-            "saturated": _flat_indices(reference_abs > 0.5 * reference_abs.amax(-1, keepdim=True)),
+            "saturated": _flat_indices(reference_squares > 0.25 * reference_squares.amax(-1, keepdim=True)),
         }
-        self._add_selected_sums("reference", reference.square(), selections)
-        top_reference = reference_abs.topk(min(self.topk, x.shape[-1]), -1).indices
+        self._add_selected_sums("reference", reference_squares, selections)
+        reference_top = reference_squares.topk(min(self.topk, x.shape[-1]), -1).indices
+        in_reference_top = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, reference_top, True)
         reference_bits = reference.view(torch.int32)
         kept = outlier_elements[:max(self.keep_points - self.kept, 0)]
         if len(kept):
@@ -62,9 +65,7 @@ class SiteFidelity:
             # sign bits differ where the XOR of the two floats' bits is negative (exactly signbit's comparison)
             differing = torch.bitwise_xor(output.view(torch.int32), reference_bits).lt_(0).count_nonzero()
             self.sums[label, "sign"] += x.numel() - int(differing)
-            top = output.abs().topk(top_reference.shape[-1], -1).indices
-            overlap = (top.unsqueeze(-1) == top_reference.unsqueeze(-2)).any(-1).float().mean(-1)
-            self.sums[label, "topk"] += float(overlap.sum())
+            self.sums[label, "topk"] += _top_overlap(output, reference_top, in_reference_top) / reference_top.shape[-1]
             if len(kept):
                 self.points[label].append(output.take(kept))
         self.sums["elements"] += x.numel()
@@ -87,6 +88,23 @@ class SiteFidelity:
         return {**{f"relative_l2_{kind}": relative(kind) for kind in ERROR_KINDS},
                 "sign_agreement": self.sums[label, "sign"] / self.sums["elements"],
                 f"top{self.topk}_agreement": self.sums[label, "topk"] / self.sums["tokens"]}
+
+
+def _top_overlap(output: torch.Tensor, reference_top: torch.Tensor, in_reference_top: torch.Tensor) -> int:
+    """How many of the channels of each row's k largest |output| (rows, C) lie in the reference's top k
+    (`reference_top`, its indices; `in_reference_top`, the same as a mask), summed over the rows.
+
+    A row whose every channel outside the reference's top k is smaller than the smallest inside has the reference's
+    top k as its own: its overlap is k, and it needs no `topk` (~1 us a row, the slowest part of an update). On
+    SmolLM2's real activations that holds for 97-98% of the rows of the what-if DyT and DyISRU candidates; only the
+    rest (NaN rows among them) run `topk`, which breaks ties as before."""
+    k = reference_top.shape[-1]
+    magnitudes = output.abs()
+    floor = magnitudes.gather(-1, reference_top).amin(-1)
+    outside = magnitudes.masked_fill_(in_reference_top, 0).amax(-1)  # 0.84 ms on 2048 x 576 against topk's 2.2
+    ambiguous = outside.lt(floor).logical_not_().nonzero().squeeze(-1)
+    top = output[ambiguous].abs().topk(k, -1).indices
+    return (output.shape[0] - len(ambiguous)) * k + int(in_reference_top[ambiguous].gather(-1, top).count_nonzero())
 
 
 def _flat_indices(mask: torch.Tensor) -> torch.Tensor:
@@ -135,14 +153,18 @@ def outlier_fidelity(model, ids: torch.Tensor, *, reference=None, calibration=No
     check_vocabulary(ids, model)
     fidelity = {name: SiteFidelity(element_k, token_m, topk, keep_points) for name in originals}
 
-    def observer(name):  # .forward, not __call__: a candidate may be the hooked module itself
-        def record(x):
-            outputs = {label: candidate.forward(x) for label, candidate in candidates[name].items()}
-            fidelity[name].update(x, originals[name].forward(x), outputs)
+    def observer(name):
+        hooked = model.get_submodule(name)  # the original (what-if) or the candidate (converted): its output is known
+
+        def record(x, output):
+            def run(module):  # .forward: no hook machinery for a module that is not hooked
+                return output if module is hooked else module.forward(x)
+            fidelity[name].update(x, run(originals[name]), {label: run(c) for label, c in candidates[name].items()})
         return record
 
     batches = full_windows(ids, window, max_windows)
-    with observing_norm_inputs(model, {name: observer(name) for name in originals}) as run:
+    observers = {name: observer(name) for name in originals}
+    with observing_norm_inputs(model, observers, with_outputs=True) as run:
         for first in tqdm(range(0, len(batches), batch_size), desc="fidelity", disable=not progress):
             run(input_ids=batches[first:first + batch_size].to(next(model.parameters()).device))
 

@@ -52,6 +52,13 @@ def test_observing_norm_inputs_skips_the_head_and_sees_what_a_full_forward_feeds
     assert all(torch.equal(through_run[n], through_model[n]) for n in names)
     # the base model where every site is in it; MLM heads hold a norm, so an encoder needs the whole model
     assert run is (model if model_type in ENCODERS else model.base_model) and model.base_model is not model
+    # with_outputs: the same inputs, each with what its module made of it
+    pairs = {}
+    observers = {n: lambda x, y, n=n: pairs.setdefault(n, (x, y)) for n in names}
+    with torch.no_grad(), observing_norm_inputs(model, observers, with_outputs=True) as run_with_outputs:
+        run_with_outputs(input_ids=ids)
+    assert all(torch.equal(pairs[n][0], through_run[n]) for n in names)
+    assert all(torch.equal(pairs[n][1], model.get_submodule(n)(through_run[n])) for n in names)
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

@@ -9,7 +9,7 @@ import torch
 
 import hf_dynorm
 from hf_dynorm.calibration import calibrate
-from hf_dynorm.fidelity import SiteFidelity, outlier_fidelity, plot_fidelity
+from hf_dynorm.fidelity import SiteFidelity, _top_overlap, outlier_fidelity, plot_fidelity
 from hf_dynorm.modeling_dynorm import dyisru, dyt
 from hf_dynorm.paper_demo import FUNCTIONS, demonstration, fit, run_paper_demo
 from tiny import VOCAB, tiny_model
@@ -92,6 +92,22 @@ def test_site_fidelity_matches_a_direct_computation():
     kept = fidelity.kept_points()
     assert torch.equal(kept["reference"], torch.cat([r[m] for (_, r, _), m in zip(batches, outliers)])[:15])
     assert torch.equal(kept["dyt"], torch.cat([o["dyt"][m] for (_, _, o), m in zip(batches, outliers)])[:15])
+
+
+def test_top_overlap_counts_what_sets_of_topk_count_and_sends_only_unsettled_rows_to_topk(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(60, 40, generator=generator)
+    output = reference * torch.rand(60, 1, generator=generator)  # same order as the reference: settled without topk
+    output[::3] = torch.randn(20, 40, generator=generator)  # unrelated rows
+    output[1, 3] = output[4, 0] = float("nan")  # NaN rows go to topk (it ranks NaN first)
+    output[7] = output[7].abs().max()  # a row of ties
+    reference_top = reference.abs().topk(6, -1).indices
+    in_reference_top = torch.zeros_like(reference, dtype=torch.bool).scatter_(-1, reference_top, True)
+    expected = sum(len(set(o.abs().topk(6).indices.tolist()) & set(r.tolist())) for o, r in zip(output, reference_top))
+    ranked_rows, topk = [], torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda rows, *args: ranked_rows.append(len(rows)) or topk(rows, *args))
+    assert _top_overlap(output, reference_top, in_reference_top) == expected
+    assert ranked_rows == [20 + 3]  # the unrelated rows, the two NaN rows and the row of ties
 
 
 def test_what_if_on_an_unconverted_model_with_plots(tmp_path):
