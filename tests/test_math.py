@@ -172,6 +172,41 @@ def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
         assert fresh._anchor_coupling(torch.float32) is not fresh._anchor_coupling(torch.float32)
 
 
+def test_kappa_is_cached_where_autograd_does_not_track_it_until_log_kappa_changes():
+    """Without autograd on log_kappa, kappa = exp(log_kappa) is computed once; an optimizer step, load_state_dict,
+    a swapped .data or a dtype change computes it again. With autograd on, every call builds it in the graph."""
+    module = DyISRU(C, kappa=50.0, per_channel=True)
+
+    def check():
+        with torch.no_grad():
+            assert module.kappa is module.kappa  # cached
+            torch.testing.assert_close(module.kappa, module.log_kappa.detach().exp(), rtol=0, atol=0)
+
+    check()
+    kappa = module.kappa
+    assert kappa.grad_fn is not None and module.kappa is not kappa  # tracked: a new node each call
+    kappa.sum().backward()
+    torch.optim.SGD([module.log_kappa], lr=0.1).step()  # an in-place update
+    check()
+    module.load_state_dict({**module.state_dict(), "log_kappa": torch.full((C,), 2.0)})
+    check()
+    module.log_kappa.data = torch.full((C,), 3.0)
+    check()
+    module.double()
+    check()
+    module.log_kappa.requires_grad_(False)  # frozen: cached even with autograd on
+    assert module.kappa is module.kappa
+    module.log_kappa.data = torch.full((C,), 4.0, dtype=torch.float64)
+    with torch.inference_mode():  # computed in inference mode, yet a tensor that autograd can save
+        assert not module.kappa.is_inference() and not module.kappa.requires_grad
+    x = torch.randn(2, C, dtype=torch.float64, requires_grad=True)
+    module(x).sum().backward()
+    assert x.grad is not None
+    with torch.inference_mode():  # inference tensors have no version counter: computed on every call
+        fresh = DyISRU(C, kappa=50.0)
+        assert fresh.kappa is not fresh.kappa
+
+
 def test_fused_anchored_dyisru_keeps_a_non_finite_square_in_its_row():
     """The fused path forms a row's coupled term as x^2 times a per-channel vector, so a square that overflows fp32
     (|x| above 1.8e19) in any channel makes that row NaN (0 * inf), where the reference's NaN stays in that channel
