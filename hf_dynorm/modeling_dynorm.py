@@ -30,6 +30,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _distributed() -> bool:
+    """Whether this process is part of a torch.distributed run."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor.to(dtype)` without the call where the dtype already matches: on the fused paths every avoided
     dispatcher call counts (a norm at decode size is ~10 of them)."""
@@ -443,10 +448,11 @@ class DyISRU(_ElementwiseNorm):
     def kappa(self) -> torch.Tensor:
         """exp(log_kappa), fp32 at least (fp64 kept). Where autograd does not track log_kappa (inference, frozen
         norms), it is computed again only when log_kappa changed, seen as `_anchor_coupling` sees a change: the exp
-        took ~3 us of an anchored DyISRU decode step's ~38 (a (1, 1, 576) input on this CPU)."""
+        took ~3 us of an anchored DyISRU decode step's ~38 (a (1, 1, 576) input on this CPU). Not in a distributed
+        run: FSDP shards parameters and gathers them into reused storage, which no check here could vouch for."""
         log_kappa = self._parameters["log_kappa"]
         if (torch.is_grad_enabled() and log_kappa.requires_grad) or torch.compiler.is_compiling() \
-                or log_kappa.is_inference():
+                or log_kappa.is_inference() or _distributed():
             return _as(log_kappa, compute_dtype(log_kappa)).exp()
         state = (log_kappa._version, log_kappa.data_ptr(), log_kappa.dtype)
         cached = self._kappa

@@ -172,9 +172,10 @@ def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
         assert fresh._anchor_coupling(torch.float32) is not fresh._anchor_coupling(torch.float32)
 
 
-def test_kappa_is_cached_where_autograd_does_not_track_it_until_log_kappa_changes():
+def test_kappa_is_cached_where_autograd_does_not_track_it_until_log_kappa_changes(monkeypatch):
     """Without autograd on log_kappa, kappa = exp(log_kappa) is computed once; an optimizer step, load_state_dict,
-    a swapped .data or a dtype change computes it again. With autograd on, every call builds it in the graph."""
+    a swapped .data or a dtype change computes it again. With autograd on, every call builds it in the graph; in a
+    distributed run (FSDP refills parameter storage) every call computes it."""
     module = DyISRU(C, kappa=50.0, per_channel=True)
 
     def check():
@@ -205,6 +206,8 @@ def test_kappa_is_cached_where_autograd_does_not_track_it_until_log_kappa_change
     with torch.inference_mode():  # inference tensors have no version counter: computed on every call
         fresh = DyISRU(C, kappa=50.0)
         assert fresh.kappa is not fresh.kappa
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert module.kappa is not module.kappa
 
 
 def test_fused_anchored_dyisru_keeps_a_non_finite_square_in_its_row():
