@@ -101,7 +101,8 @@ def _top_overlap(output: torch.Tensor, reference_top: torch.Tensor, in_reference
     k = reference_top.shape[-1]
     magnitudes = output.abs()
     floor = magnitudes.gather(-1, reference_top).amin(-1)
-    outside = magnitudes.masked_fill_(in_reference_top, 0).amax(-1)  # 0.84 ms on 2048 x 576 against topk's 2.2
+    # abs, masked_fill_ and amax: 0.84 ms on 2048 x 576, where abs and topk took 2.2
+    outside = magnitudes.masked_fill_(in_reference_top, 0).amax(-1)
     ambiguous = outside.lt(floor).logical_not_().nonzero().squeeze(-1)
     top = output[ambiguous].abs().topk(k, -1).indices
     return (output.shape[0] - len(ambiguous)) * k + int(in_reference_top[ambiguous].gather(-1, top).count_nonzero())
