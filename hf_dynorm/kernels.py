@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_dynorm.modeling_dynorm import FusedDyISRU
+from hf_dynorm.modeling_dynorm import FusedDyISRU, dyisru, dyt, recorded_backward
 
 BLOCK_ROWS = 16
 BLOCK_C = 128
@@ -154,19 +154,22 @@ def _launch_forward(kernel, x, parameter, weight, bias, *extra, **meta):
         x2, y, parameter, weight, bias if bias is not None else weight, *x2.shape, x2.stride(0), *extra,
         PER_CHANNEL=parameter.numel() > 1, HAS_BIAS=bias is not None, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C,
         **meta)
-    return y.view(x.shape), x2, parameter, weight
+    return y.view(x.shape), parameter, weight
 
 
 def _forward(ctx, x, parameter, weight, bias, is_dyt: bool):
-    y, x2, parameter, weight = _launch_forward(_forward_kernel, x, parameter, weight, bias, IS_DYT=is_dyt)
-    ctx.save_for_backward(x2, parameter, weight)
-    ctx.has_bias, ctx.shape = bias is not None, x.shape
+    y, parameter, weight = _launch_forward(_forward_kernel, x, parameter, weight, bias, IS_DYT=is_dyt)
+    ctx.save_for_backward(x, parameter, weight)  # x itself: a double backward differentiates through it
+    ctx.has_bias = bias is not None
     return y
 
 
 def _backward(ctx, grad, is_dyt: bool):
-    x2, parameter, weight = ctx.saved_tensors
-    g2 = grad.reshape(-1, x2.shape[-1]).contiguous()
+    if torch.is_grad_enabled():
+        return recorded_backward(ctx, grad, dyt if is_dyt else dyisru)
+    x, parameter, weight = ctx.saved_tensors
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    g2 = grad.reshape(x2.shape).contiguous()
     rows, channels = x2.shape
     tiles = _backward_tiles(rows)
     grid = _launch_grid(rows, channels, tiles)
@@ -179,7 +182,7 @@ def _backward(ctx, grad, is_dyt: bool):
     sums = partials.sum(1)
     grad_parameter = sums[0] if parameter.numel() > 1 else sums[0].sum().reshape(parameter.shape)
     grad_bias = sums[2].to(weight.dtype) if ctx.has_bias else None
-    return dx.view(ctx.shape), grad_parameter.to(parameter.dtype), sums[1].to(weight.dtype), grad_bias
+    return dx.view(x.shape), grad_parameter.to(parameter.dtype), sums[1].to(weight.dtype), grad_bias
 
 
 def _autograd_function(name: str, is_dyt: bool, doc: str) -> type:

@@ -233,6 +233,30 @@ def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
     return torch.addcmul(offset, squares, anchors.own_square, out=squares), offset
 
 
+def _coupled_dyisru(x: torch.Tensor, kappa: torch.Tensor, weight: torch.Tensor, anchors: AnchorCoupling | None):
+    """`dyisru` (no bias) over an AnchorCoupling, in out-of-place ops that autograd records."""
+    if anchors is None:
+        return dyisru(x, kappa, weight)
+    dtype = compute_dtype(x)
+    xf = _as(x, dtype)
+    squares = xf * xf
+    denominator = squares * anchors.own_square + torch.matmul(squares, anchors.coupled_weights).unsqueeze(-1)
+    return _as(xf * torch.rsqrt(denominator + _as(kappa, dtype)) * _as(weight, dtype), x.dtype)
+
+
+def recorded_backward(ctx, grad: torch.Tensor, function) -> tuple:
+    """A fused Function's backward under create_graph (a double backward: gradient penalties, Hessian-vector
+    products), where autograd records the backward itself and its in-place formulas cannot be: the gradients of
+    ``function(x, parameter, weight)`` (the same math, out of place) on the saved inputs, which autograd can
+    differentiate again. The bias's gradient, the sum of grad, needs no function."""
+    x, parameter, weight = ctx.saved_tensors
+    needed = ctx.needs_input_grad
+    inputs = [tensor for tensor, wanted in zip((x, parameter, weight), needed) if wanted]
+    grads = iter(torch.autograd.grad(function(x, parameter, weight), inputs, grad, create_graph=True))
+    grad_bias = _sum_rows(grad).to(weight.dtype) if needed[3] else None
+    return (*(next(grads) if wanted else None for wanted in needed[:3]), grad_bias, *[None] * (len(needed) - 4))
+
+
 class FusedDyISRU(torch.autograd.Function):
     """Pure or anchored DyISRU (`anchors`: an AnchorCoupling)."""
 
@@ -257,8 +281,10 @@ class FusedDyISRU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, kappa, weight, dtype, k, w = _saved_inputs(ctx)
         anchors = ctx.anchors
+        if torch.is_grad_enabled():
+            return recorded_backward(ctx, grad, functools.partial(_coupled_dyisru, anchors=anchors))
+        x, kappa, weight, dtype, k, w = _saved_inputs(ctx)
 
         def compute(xf, g):
             denominator, offset = _dyisru_denominator(xf, k, anchors)
@@ -305,6 +331,8 @@ class FusedDyT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            return recorded_backward(ctx, grad, dyt)
         x, alpha, weight, dtype, a, w = _saved_inputs(ctx)
 
         def compute(xf, g):
@@ -483,7 +511,10 @@ class DyISRU(_ElementwiseNorm):
         state = (dtype, self.anchor_scale, anchors._version, anchors.data_ptr(), weight._version, weight.data_ptr())
         cached = self._coupling
         if cached is None or cached[0] is not anchors or cached[1] is not weight or cached[2] != state:
-            coupling = AnchorCoupling.of(anchors, weight, self.anchor_scale, self.channels, dtype)
+            # normal tensors even in inference mode, as for `kappa`: a later tracked call (a create_graph backward)
+            # saves them for backward
+            with torch.inference_mode(False):
+                coupling = AnchorCoupling.of(anchors, weight, self.anchor_scale, self.channels, dtype)
             cached = self._coupling = (anchors, weight, state, coupling)
         return cached[3]
 

@@ -63,6 +63,23 @@ def test_kernel_matches_reference_in_value_and_gradient(kind, dtype, per_channel
         assert (a.double() - b).abs().max().item() <= tolerance, name
 
 
+@pytest.mark.parametrize("kind", ["dyisru", "dyt"])
+def test_kernels_record_their_backward_under_create_graph(kind):
+    """A gradient penalty: the gradient with respect to x, itself differentiated, matches the reference's."""
+    kernel, reference, value = CASES[kind]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, C, generator=generator) * 30
+    parameter, weight = value * (torch.rand(C, generator=generator) + 0.5), torch.rand(C, generator=generator) + 0.5
+    bias, grad = torch.randn(C, generator=generator), torch.randn(x.shape, generator=generator)
+    results = []
+    for function, dtype in ((kernel.apply, torch.float32), (reference, torch.float64)):
+        inputs = [t.to(DEVICE, dtype).requires_grad_() for t in (x, parameter, weight, bias)]
+        grad_x, = torch.autograd.grad(function(*inputs), inputs[0], grad.to(DEVICE, dtype), create_graph=True)
+        results.append([grad_x, *torch.autograd.grad(grad_x.square().sum(), inputs[:3])])
+    for name, got, truth in zip(["grad_x", "x", "parameter", "weight"], *results):
+        assert (got.double() - truth).abs().max().item() <= 1e-5 * truth.abs().max().item(), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("anchor_weight", "anchor_scale"), [(1.0, 1.0), (0.4, 0.3), (0.0, 1.0)])
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -111,11 +111,14 @@ def test_fused_path_gradients_are_exact(kind, per_channel):
     weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
     if kind == "dyt":
-        assert torch.autograd.gradcheck(FusedDyT.apply, (x, parameter, weight, bias))
-        return
-    kappa = (parameter * 20).detach().requires_grad_()
-    anchored = (AnchorCoupling.of(torch.tensor([6, 1]), 0.7, 1.3, 8, torch.float64),) if kind == "anchored" else ()
-    assert torch.autograd.gradcheck(lambda *inputs: FusedDyISRU.apply(*inputs, *anchored), (x, kappa, weight, bias))
+        function, inputs = FusedDyT.apply, (x, parameter, weight, bias)
+    else:
+        kappa = (parameter * 20).detach().requires_grad_()
+        anchored = (AnchorCoupling.of(torch.tensor([6, 1]), 0.7, 1.3, 8, torch.float64),) if kind == "anchored" else ()
+        function, inputs = (lambda *tensors: FusedDyISRU.apply(*tensors, *anchored)), (x, kappa, weight, bias)
+    assert torch.autograd.gradcheck(function, inputs)
+    # create_graph (gradient penalties, Hessian-vector products) records the backward: second derivatives too
+    assert torch.autograd.gradgradcheck(function, inputs)
 
 
 @pytest.mark.parametrize("anchor_weight", [1.0, 0.4, 0.0])
@@ -170,6 +173,14 @@ def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
     with torch.inference_mode():  # inference tensors have no version counter: built on every call
         fresh = DyISRU(C, kappa=50.0, anchors=[5, 2])
         assert fresh._anchor_coupling(torch.float32) is not fresh._anchor_coupling(torch.float32)
+    module.float().anchor_weight.fill_(0.7)
+    with torch.inference_mode():  # built in inference mode, yet tensors that a later graph can save
+        module(x)
+    assert not any(tensor.is_inference() for tensor in module._anchor_coupling(torch.float32))
+    inputs = x.clone().requires_grad_()
+    grad, = torch.autograd.grad(module(inputs).square().sum(), inputs, create_graph=True)
+    grad.sum().backward()  # a gradient penalty's double backward
+    assert module.weight.grad is not None and module.log_kappa.grad is not None
 
 
 def test_kappa_is_cached_where_autograd_does_not_track_it_until_log_kappa_changes(monkeypatch):
