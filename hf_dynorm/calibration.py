@@ -5,9 +5,9 @@ alpha ~ 1 / (sqrt(C) s) = 1 / sqrt(kappa). Massive activations (attention sinks,
 single-kappa picture: their tokens are detected and kept out of the estimate, and anchored DyISRU keeps the few
 channels carrying them coupled, with kappa estimated from the remaining channels.
 
-One pass of the original model with forward pre-hooks feeds bounded streaming statistics per site: exact
-per-channel moments and max |x|, and uniform reservoirs of per-token mean squares (with positions) and of whole
-activation rows (for the estimators and the `fit`).
+One pass of the original model with forward pre-hooks feeds bounded streaming statistics per site: the exact
+per-channel max |x| (it picks the anchors), and uniform reservoirs of per-token mean squares (with positions) and
+of whole activation rows (for the estimators and the `fit`).
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ class Reservoir:
         if n > room:
             index = torch.arange(self.seen + room, self.seen + n, dtype=torch.float64) + 1
             slots = (torch.rand(n - room, generator=self.generator, dtype=torch.float64) * index).long()
-            keep = slots < self.capacity
-            self.rows[slots[keep]] = rows[room:][keep]
+            drawn = (slots < self.capacity).nonzero().squeeze(1)
+            # Algorithm R replaces in stream order, so where a slot is drawn twice the later row wins; an indexed
+            # assignment with repeated indices leaves the winner unspecified (and seeds would not reproduce)
+            last = torch.full((self.capacity,), -1).scatter_reduce_(0, slots[drawn], drawn, "amax")
+            winners = last[last >= 0]
+            self.rows[slots[winners]] = rows[room:][winners]
         self.seen += n
 
 
@@ -53,23 +57,19 @@ class SiteStatistics:
 
     def __init__(self, site: NormSite, rows: int, tokens: int, generator: torch.Generator):
         self.site = site
-        channels = site.channels
         self.count = 0
-        self.channel_sum = torch.zeros(channels, dtype=torch.float64)
-        self.channel_sum_squares = torch.zeros(channels, dtype=torch.float64)
-        self.channel_absmax = torch.zeros(channels)
+        self.channel_absmax = torch.zeros(site.channels)
         self.token_stats = Reservoir(tokens, generator)  # columns: mean square (centred for LayerNorm), position
         self.rows = Reservoir(rows, generator)
 
     def update(self, x: torch.Tensor) -> None:
         """`x`: the norm's input, (batch, sequence, ..., channels)."""
-        positions = torch.arange(x.shape[1], device=x.device).view(1, -1, *([1] * (x.dim() - 3)))
-        positions = positions.expand(x.shape[:-1]).reshape(-1).float().cpu()
+        positions = torch.arange(x.shape[1], dtype=torch.float32).view(1, -1, *([1] * (x.dim() - 3)))
+        positions = positions.expand(x.shape[:-1]).reshape(-1)
         rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
         self.count += rows.shape[0]
-        self.channel_sum += rows.sum(0, dtype=torch.float64)
-        self.channel_sum_squares += (rows.double() ** 2).sum(0)
-        self.channel_absmax = torch.maximum(self.channel_absmax, rows.abs().amax(0))
+        # max and -min: two reductions, no |x| copy; the hooks run on every site of every batch
+        self.channel_absmax = torch.maximum(self.channel_absmax, torch.maximum(rows.amax(0), rows.amin(0).neg_()))
         self.token_stats.add(torch.stack([_mean_square(rows, self.site.flavour), positions], dim=1))
         self.rows.add(rows)
 
@@ -77,7 +77,7 @@ class SiteStatistics:
 def _mean_square(rows: torch.Tensor, flavour: str) -> torch.Tensor:
     if flavour == LAYER:
         rows = rows - rows.mean(-1, keepdim=True)
-    return rows.pow(2).mean(-1)
+    return torch.linalg.vector_norm(rows, dim=-1).square_().div_(rows.shape[-1])  # 2.7x faster than pow + mean
 
 
 @dataclass
@@ -177,6 +177,7 @@ class Calibration:
     windows: int
     window: int
     data: str
+    autocast: str | None = None  # the pass's matmul dtype when it ran under torch.autocast
 
     def parameters(self, norm: str, estimator: str = DEFAULT_ESTIMATOR, anchors: int = 0,
                    sites: list[NormSite] | None = None, kappa_from: str = "all"):
@@ -193,7 +194,8 @@ class Calibration:
         key = "kappa" if norm == "dyisru" else "alpha"
         summary = {
             "estimator": estimator, "data": self.data, "tokens": self.tokens, "windows": self.windows,
-            "window": self.window, "anchors_per_site": anchors if norm == "dyisru" else 0, "kappa_from": kappa_from,
+            "window": self.window, "autocast": self.autocast, "anchors_per_site": anchors if norm == "dyisru" else 0,
+            "kappa_from": kappa_from,
             "sites": {name: {key: values[name], "s": math.sqrt(self.sites[name].median_mean_square),
                              "anchors": site_anchors[name], **self.sites[name].sink_report()} for name in names},
         }
@@ -215,15 +217,19 @@ class Calibration:
 def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite] | None = None,
               split: str = "train", window: int = 512, max_windows: int = 128, batch_size: int = 4,
               rows: int = 1024, token_capacity: int = 1 << 18, sink_ratio: float = 8.0, seed: int = 0,
-              progress: bool = True, label: str | None = None) -> Calibration:
+              autocast: torch.dtype | None = None, progress: bool = True, label: str | None = None) -> Calibration:
     """Run the (unconverted) model on calibration text and gather each norm site's input statistics.
 
     `data`: a text source (name, path, Hub dataset), a list of strings, or token ids. `sink_ratio`: tokens whose
-    rms exceeds this multiple of the site's median are sinks, kept out of the estimates and reported. `label`
-    names the data in the record when `data` is not a source name.
+    rms exceeds this multiple of the site's median are sinks, kept out of the estimates and reported. `autocast`:
+    torch.bfloat16 or torch.float16 runs the pass's matmuls in that dtype (`torch.autocast`; the residual stream
+    and the statistics stay fp32): 2-2.5x faster on CPUs with AMX, and SmolLM2's kappas moved by at most 0.4%
+    (README). `label` names the data in the record when `data` is not a source name.
     """
     if getattr(model.config, "dynorm", None) is not None:
         raise ValueError("calibrate the original model: this one is already converted.")
+    if autocast not in (None, torch.bfloat16, torch.float16):  # torch.autocast would only warn and run as is
+        raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None (the model's dtype), got {autocast}.")
     if tokenizer is None and not isinstance(data, torch.Tensor):
         from .assets import load_tokenizer
 
@@ -235,13 +241,15 @@ def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite
     generator = torch.Generator().manual_seed(seed)
     stats = {site.name: SiteStatistics(site, rows, token_capacity, generator) for site in sites}
     device = next(model.parameters()).device
-    with observing_norm_inputs(model, {name: s.update for name, s in stats.items()}) as run:
+    with (observing_norm_inputs(model, {name: s.update for name, s in stats.items()}) as run,
+          torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)):
         for first in tqdm(range(0, len(batches), batch_size), desc="calibration", unit="batch",
                           disable=not progress):
             run(input_ids=batches[first:first + batch_size].to(device))
     label = label or (data if isinstance(data, str) else f"{type(data).__name__} of {ids.numel()} tokens")
     return Calibration({name: _finalise(model, s, sink_ratio) for name, s in stats.items()},
-                       tokens=batches.numel(), windows=len(batches), window=window, data=label)
+                       tokens=batches.numel(), windows=len(batches), window=window, data=label,
+                       autocast=None if autocast is None else str(autocast).removeprefix("torch."))
 
 
 @torch.no_grad()

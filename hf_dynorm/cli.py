@@ -25,14 +25,19 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimator", default="median", help="median | mean | geomean | fit")
     parser.add_argument("--kappa-from", default="all", choices=("all", "bulk"))
     parser.add_argument("--calibration-windows", type=int, default=64)
+    parser.add_argument("--calibration-autocast", choices=("bf16", "fp16"),
+                        help="run the calibration pass's matmuls in this dtype (2-2.5x faster on CPUs with AMX)")
 
 
 def _conversion_kwargs(args, tokenizer) -> dict:
+    import torch
+
     kwargs = {"sites": args.sites, "kappa": args.kappa, "alpha": args.alpha, "per_channel": args.per_channel,
               "bound": args.bound}
     if args.calibration:
         kwargs.update(calibration=args.calibration, estimator=args.estimator, kappa_from=args.kappa_from,
-                      max_windows=args.calibration_windows, anchors=args.anchors, tokenizer=tokenizer)
+                      max_windows=args.calibration_windows, anchors=args.anchors, tokenizer=tokenizer,
+                      autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.calibration_autocast))
     elif args.anchors:
         raise SystemExit("error: --anchors k picks channels from calibration data: add --calibration TEXT.")
     return kwargs

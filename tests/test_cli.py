@@ -26,9 +26,10 @@ def test_convert_with_calibration_then_info_eval_and_fidelity(tiny, tmp_path):
     model, text = tiny
     out = tmp_path / "converted"
     cli("convert", model, out, "--norm", "dyisru", "--calibration", text, "--anchors", "2", "--estimator", "mean",
-        "--calibration-windows", "4")
+        "--calibration-windows", "4", "--calibration-autocast", "bf16")
     record = hf_dynorm.load_model(out).config.dynorm
     assert record["calibration"]["estimator"] == "mean" and record["calibration"]["data"] == str(text)
+    assert record["calibration"]["autocast"] == "bfloat16"
     assert (out / "tokenizer.json").exists()
     assert "dyisru at 5 sites" in cli("info", out)
     assert "attn_input" in cli("info", model)

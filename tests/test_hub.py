@@ -11,7 +11,7 @@ import yaml
 import hf_dynorm
 from hf_dynorm.conversion import save_converted
 from hf_dynorm.hub import PublishError, model_fingerprint, push_to_hub, render_card
-from tiny import reload_without_hf_dynorm, tiny_inputs, tiny_model, tiny_tokenizer
+from tiny import VOCAB, reload_without_hf_dynorm, tiny_inputs, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
@@ -65,6 +65,17 @@ def test_card_without_evaluation_claims_no_numbers(converted):
     assert "model-index" not in metadata
     assert "not been evaluated" in str(card) and "zero-shot conversion" in str(card)
     assert "output bound sqrt(C) (the paper's)" in str(card)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_card_says_how_the_model_was_calibrated(tmp_path, autocast):
+    ids = torch.randint(3, VOCAB, (1024,), generator=torch.Generator().manual_seed(0))
+    model = hf_dynorm.convert(tiny_model("llama"), "dyisru", calibration=ids, window=32, anchors=2, autocast=autocast,
+                              progress=False)
+    save_converted(model, tmp_path / "model", tiny_tokenizer())
+    card = str(render_card(tmp_path / "model"))
+    assert "`median` estimator on 1024 tokens" in card and "2 anchor channel(s) per site" in card
+    assert ("the pass ran its matmuls in bfloat16" in card) == (autocast is not None)
 
 
 def test_push_sends_every_staged_file_in_one_commit(converted, tmp_path, monkeypatch):
