@@ -152,7 +152,8 @@ def test_calibration_record_survives_save_and_reload(tmp_path):
     record = model.config.dynorm
     assert record["calibration"]["estimator"] == "fit" and record["parameters"]["kappa"] == "calibration (fit)"
     site = record["calibration"]["sites"]["model.norm"]
-    assert len(site["anchors"]) == 2 and site["kappa"] == pytest.approx(float(model.model.norm.kappa.detach()), rel=1e-5)
+    kappa = float(model.model.norm.kappa.detach())
+    assert len(site["anchors"]) == 2 and site["kappa"] == pytest.approx(kappa, rel=1e-5)
     model.save_pretrained(tmp_path)
     assert hf_dynorm.load_model(tmp_path).config.dynorm == record
 
