@@ -252,7 +252,7 @@ def recorded_backward(ctx, grad: torch.Tensor, function) -> tuple:
     x, parameter, weight = ctx.saved_tensors
     needed = ctx.needs_input_grad
     inputs = [tensor for tensor, wanted in zip((x, parameter, weight), needed) if wanted]
-    grads = iter(torch.autograd.grad(function(x, parameter, weight), inputs, grad, create_graph=True))
+    grads = iter(torch.autograd.grad(function(x, parameter, weight), inputs, grad, create_graph=True) if inputs else ())
     grad_bias = _sum_rows(grad).to(weight.dtype) if needed[3] else None
     return (*(next(grads) if wanted else None for wanted in needed[:3]), grad_bias, *[None] * (len(needed) - 4))
 

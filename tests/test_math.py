@@ -119,6 +119,10 @@ def test_fused_path_gradients_are_exact(kind, per_channel):
     assert torch.autograd.gradcheck(function, inputs)
     # create_graph (gradient penalties, Hessian-vector products) records the backward: second derivatives too
     assert torch.autograd.gradgradcheck(function, inputs)
+    only_bias = bias.detach().requires_grad_()  # nothing but the bias to differentiate
+    grad_bias, = torch.autograd.grad(function(*(t.detach() for t in inputs[:3]), only_bias).sum(), only_bias,
+                                     create_graph=True)
+    torch.testing.assert_close(grad_bias, torch.full_like(bias, 15.0))
 
 
 @pytest.mark.parametrize("anchor_weight", [1.0, 0.4, 0.0])
