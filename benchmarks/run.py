@@ -236,7 +236,7 @@ def timing_norm_layers(models: dict, site_names: list[str]):
     counter; yields a timer for `interleaved_times` that gives a call's seconds inside the norm layers. This is what
     the real forward pays: each norm's input was just written by a residual add and the threads come back from a
     matmul, which a replay of captured inputs does not reproduce (on this CPU a (2, 256, 576) RMSNorm took 120-145 us
-    alone and 370-470 us right after a matmul, DyISRU 130-145 and 260-360 us: README, Benchmarks)."""
+    alone and 370-470 us right after a matmul, DyISRU 130-145 and 260-360 us: benchmarks/README.md)."""
     spent, started = [0.0], {}
 
     def start(module, args):
@@ -503,7 +503,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="op-level device; on cuda the Triton kernels join the comparison")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc thresholds adaptive (the CLI pins them; README, Benchmarks)")
+                        help="leave glibc's malloc thresholds adaptive (the CLI pins them; benchmarks/README.md)")
     args = parser.parse_args()
     pinned = not args.default_malloc and pin_malloc_thresholds()
     skip = set(filter(None, args.skip.split(",")))

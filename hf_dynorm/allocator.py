@@ -3,7 +3,7 @@
 glibc raises its mmap threshold as large blocks are freed, so whether a mid-size tensor comes from the heap or from
 fresh mmap'd pages (which page-fault on every first touch) depends on what ran before: the same op measured 0.13 ms
 or 1.6 ms in one process here, and SmolLM2-135M forward and training steps ran ~10% faster with the thresholds
-pinned (README, "Benchmarks"). Pinning them is what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do at startup.
+pinned (benchmarks/README.md). Pinning them is what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do at startup.
 """
 
 from __future__ import annotations
