@@ -91,7 +91,7 @@ def test_reservoir_replays_sequential_algorithm_r_with_the_same_draws():
             seen += len(rows)
         return torch.stack(kept)
 
-    # rows as wide as SmolLM2's: an indexed copy this large runs in parallel, where the winner was not the later row
+    # rows as wide as SmolLM2's: there the former indexed copy kept other rows than the later ones (narrow rows hid it)
     batches = [torch.arange(start, start + 4096, dtype=torch.float32)[:, None].expand(-1, 576)
                for start in range(0, 4 * 4096, 4096)]
     for seed in range(3):
@@ -140,7 +140,7 @@ def test_autocast_calibration_runs_the_matmuls_in_bf16_and_keeps_the_estimates()
         values, fast_values = exact.parameters(norm)[0], fast.parameters(norm)[0]
         assert values.keys() == fast_values.keys()
         for name, value in values.items():
-            assert fast_values[name] == pytest.approx(value, rel=0.01), name  # 0.13% at most, seen
+            assert fast_values[name] == pytest.approx(value, rel=0.01), name  # 0.13% at most in practice
     with pytest.raises(ValueError, match="autocast must be torch.bfloat16, torch.float16 or None"):
         calibrate(model, ids, window=32, autocast=torch.float32)
 
