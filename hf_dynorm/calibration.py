@@ -223,7 +223,7 @@ def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite
     `data`: a text source (name, path, Hub dataset), a list of strings, or token ids. `sink_ratio`: tokens whose
     rms exceeds this multiple of the site's median are sinks, kept out of the estimates and reported. `autocast`:
     torch.bfloat16 or torch.float16 runs the pass's matmuls in that dtype (`torch.autocast`; the residual stream
-    and the statistics stay fp32): 2-2.5x faster on CPUs with AMX, and SmolLM2's kappas moved by at most 0.4%
+    and the statistics stay fp32): 2.2x faster on this AMX CPU, and SmolLM2's kappas moved by at most 0.4%
     (benchmarks/README.md). `label` names the data in the record when `data` is not a source name.
     """
     if getattr(model.config, "dynorm", None) is not None:

@@ -26,7 +26,7 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kappa-from", default="all", choices=("all", "bulk"))
     parser.add_argument("--calibration-windows", type=int, default=64)
     parser.add_argument("--calibration-autocast", choices=("bf16", "fp16"),
-                        help="run the calibration pass's matmuls in this dtype (2-2.5x faster on CPUs with AMX)")
+                        help="run the calibration pass's matmuls in this dtype (2.2x faster on an AMX CPU)")
 
 
 def _conversion_kwargs(args, tokenizer) -> dict:
