@@ -45,7 +45,7 @@ def test_softened_kl_is_the_kl_div_of_log_softmaxes_in_value_and_gradient(temper
     fused_student = student.detach().float().requires_grad_()
     loss = SoftenedKL.apply(fused_student, teacher.float(), temperature)
     (3 * loss).backward()  # a loss scale other than 1 reaches the gradient
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     torch.testing.assert_close(fused_student.grad.double(), expected_grad, rtol=1e-5, atol=1e-7)  # fp32 q - p
     low = student.detach().bfloat16().requires_grad_()  # mixed precision: the gradient in the logits' dtype
     SoftenedKL.apply(low, teacher.bfloat16(), temperature).backward()
