@@ -144,6 +144,21 @@ def test_fused_anchored_dyisru_is_the_reference_form(anchor_weight):
         torch.testing.assert_close(fused_value, reference_value, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "one token", "1-D", "no rows"])
+@pytest.mark.parametrize("per_channel", [False, True])  # a scalar kappa takes the addmv form, per channel matmul
+def test_fused_anchored_dyisru_takes_any_layout(layout, per_channel):
+    torch.manual_seed(5)
+    module = DyISRU(C, kappa=50.0, per_channel=per_channel, anchors=[5, 2, 11]).double()
+    shapes = {"transposed": (5, 7, C), "one token": (1, 1, C), "1-D": (C,), "no rows": (0, C)}
+    x = torch.randn(shapes[layout], dtype=torch.float64) * 3
+    x = x.transpose(0, 1) if layout == "transposed" else x
+    expected = dyisru(x, module.kappa, module.weight, None, module.anchors, module.anchor_weight)
+    inputs = x.clone().requires_grad_()
+    torch.testing.assert_close(module(inputs), expected, rtol=1e-12, atol=1e-12)  # the autograd Function
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, rtol=1e-12, atol=1e-12)  # its bare forward values
+
+
 def test_anchor_coupling_is_cached_until_the_anchors_or_their_weight_change():
     """The fused path builds its anchor vectors once; every way the anchors, anchor_weight or anchor_scale change
     rebuilds them: distillation's fill_, load_state_dict, set_anchors, a swapped .data, a new scale, a dtype
