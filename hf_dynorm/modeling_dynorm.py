@@ -212,7 +212,7 @@ def _divided_by_root(xf: torch.Tensor, denominator: torch.Tensor) -> torch.Tenso
     return denominator.rsqrt_().mul_(xf)
 
 
-def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
+def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None, *, in_place: bool = True):
     """kappa + x^2 (+ the anchors' coupled term: see `dyisru`) as one new tensor, and its part that does not depend
     on x_i (kappa, plus the row's coupled term where anchored: d denominator_i / d x_i^2 is then own_square).
 
@@ -224,6 +224,7 @@ def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
     decode step on captured inputs 0.98x (0.91-1.04), where each op's dispatch is all there is and both forms have
     about as many ops. A non-finite square anywhere in a row (|x| above 1.8e19 in fp32) makes the whole row NaN
     (0 * inf), where the reference form's NaN stays in that channel: RMSNorm's mean is as far gone on such a row.
+    `in_place=False` leaves x^2 unwritten, so that autograd can record the whole (`_recordable_dyisru`).
     """
     if anchors is None:
         return torch.addcmul(k, xf, xf), k
@@ -237,18 +238,15 @@ def _dyisru_denominator(xf, k, anchors: AnchorCoupling | None):
     else:  # a per-channel kappa does not fit addmv's one value per row
         # matmul folds the leading dimensions itself: 1.17-1.19x a reshape, mv and view at one token (three A/Bs)
         offset = torch.matmul(squares, anchors.coupled_weights).unsqueeze(-1).add(k)
-    return torch.addcmul(offset, squares, anchors.own_square, out=squares), offset
+    return torch.addcmul(offset, squares, anchors.own_square, out=squares if in_place else None), offset
 
 
-def _coupled_dyisru(x: torch.Tensor, kappa: torch.Tensor, weight: torch.Tensor, anchors: AnchorCoupling | None):
-    """`dyisru` (no bias) over an AnchorCoupling, in out-of-place ops that autograd records."""
-    if anchors is None:
-        return dyisru(x, kappa, weight)
+def _recordable_dyisru(x: torch.Tensor, kappa: torch.Tensor, weight: torch.Tensor, anchors: AnchorCoupling | None):
+    """FusedDyISRU's values (no bias) in ops that autograd can record: the same denominator, not written in place."""
     dtype = compute_dtype(x)
     xf = _as(x, dtype)
-    squares = xf * xf
-    denominator = squares * anchors.own_square + torch.matmul(squares, anchors.coupled_weights).unsqueeze(-1)
-    return _as(xf * torch.rsqrt(denominator + _as(kappa, dtype)) * _as(weight, dtype), x.dtype)
+    denominator, _ = _dyisru_denominator(xf, _as(kappa, dtype), anchors, in_place=False)
+    return _as(xf * torch.rsqrt(denominator) * _as(weight, dtype), x.dtype)
 
 
 def recorded_backward(ctx, grad: torch.Tensor, function) -> tuple:
@@ -290,7 +288,7 @@ class FusedDyISRU(torch.autograd.Function):
     def backward(ctx, grad):
         anchors = ctx.anchors
         if torch.is_grad_enabled():
-            return recorded_backward(ctx, grad, functools.partial(_coupled_dyisru, anchors=anchors))
+            return recorded_backward(ctx, grad, functools.partial(_recordable_dyisru, anchors=anchors))
         x, kappa, weight, dtype, k, w = _saved_inputs(ctx)
 
         def compute(xf, g):
