@@ -37,8 +37,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 import hf_dynorm
 from hf_dynorm.allocator import pin_malloc_thresholds
 from hf_dynorm.architectures import observing_norm_inputs
+from hf_dynorm.config import parse_config
 from hf_dynorm.data import full_windows, token_stream
-from hf_dynorm.distill import convert_as_recipe, parse_config
+from hf_dynorm.distill import calibrate_as_recipe, convert_as_recipe
 from hf_dynorm.modeling_dynorm import DyISRU, DyT
 from hf_dynorm.reports import markdown_table
 
@@ -272,8 +273,9 @@ def recipe_start(original: nn.Module, recipe: str) -> nn.Module:
     2.2 s): denormal numbers in its matmuls, a cost of the broken numbers and not of the norms."""
     config = parse_config(["--config", str(RECIPES / recipe)])
     model = copy.deepcopy(original)
-    convert_as_recipe(model, config, training_windows(config.model, config.data, config.train_split, config.seq_len))
-    return model
+    windows = training_windows(config.model, config.data, config.train_split, config.seq_len)
+    parameters, _ = calibrate_as_recipe(model, config, windows)
+    return convert_as_recipe(model, config, parameters)
 
 
 @functools.cache
@@ -402,7 +404,7 @@ def bench_distill(steps: int, pinned: bool) -> list[dict]:
         mode = label.split(",")[0]
         with tempfile.TemporaryDirectory() as out:
             script = ("import json, sys\nfrom hf_dynorm.allocator import pin_malloc_thresholds\n"
-                      "from hf_dynorm.distill import parse_config, train\n"
+                      "from hf_dynorm.config import parse_config\nfrom hf_dynorm.distill import train\n"
                       f"{'pin_malloc_thresholds()' if pinned else ''}\n"
                       "r = train(parse_config(sys.argv[1:]))\n"
                       "print('RESULT', json.dumps({'tokens_per_second': r['tokens_per_second'], "

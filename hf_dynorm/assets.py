@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -166,14 +167,42 @@ def _plain_text(wikicode) -> str:
     return wikicode.strip_code(normalize=True, collapse=True)
 
 
+_SPLIT = re.compile(r"^(?P<name>[\w.-]+)(?:\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+    """(name, start, stop) of a datasets-style split spec such as ``train``, ``train[:5000]`` or ``test[-10%:]``."""
+    match = _SPLIT.match(split)
+    if not match:
+        raise ValueError(f"split {split!r} is not a split spec: give a name, optionally sliced like train[:5000], "
+                         "train[-200:] or train[:10%]")
+    return match["name"], match["start"] or None, match["stop"] or None
+
+
+def _sliced(items: list, start: str | None, stop: str | None) -> list:
+    """items[start:stop] where each bound is a count or a percentage of len(items), as datasets' split slicing."""
+    def bound(spec):
+        if spec is None:
+            return None
+        return round(float(spec[:-1]) / 100 * len(items)) if spec.endswith("%") else int(spec)
+
+    return items[bound(start):bound(stop)]
+
+
 def load_texts(source: str | os.PathLike, split: str = "test") -> list[str]:
-    """Documents from `source`: ``wiki-sample`` (split train/test/all), a local .txt (one document), .jsonl,
-    .json, .csv or .parquet (a ``text`` column), or a Hub dataset ``name`` or ``name:config`` (its `split`)."""
+    """Documents from `source`: ``wiki-sample`` (split train/test/all, sliced as datasets slices: ``train[:50]``),
+    a local .txt (one document), .jsonl, .json, .csv or .parquet (a ``text`` column), or a Hub dataset ``name`` or
+    ``name:config`` (its `split`)."""
     source = str(source)
     if source == EMBEDDED_TEXT:
+        name, start, stop = parse_split(split)
         articles = _wiki_articles()
         cut = len(articles) - max(1, round(TEST_FRACTION * len(articles)))
-        return {"train": articles[:cut], "test": articles[cut:], "all": articles}[split]
+        splits = {"train": articles[:cut], "test": articles[cut:], "all": articles}
+        if name not in splits:
+            raise ValueError(f"{EMBEDDED_TEXT} has the splits train, test and all (sliceable: train[:50]), not "
+                             f"{name!r}")
+        return _sliced(splits[name], start, stop)
     path = Path(source)
     if path.suffix == ".txt":
         if not path.exists():

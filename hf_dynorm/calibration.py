@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -168,6 +169,15 @@ class SiteCalibration:
         }
 
 
+class CalibratedParameters(NamedTuple):
+    """What a conversion takes from a calibration: kappa or alpha per site, anchor channels per site, and the summary
+    for the config record. Small and picklable: a distributed run calibrates once and broadcasts this."""
+
+    values: dict[str, float]
+    anchors: dict[str, list[int]]
+    summary: dict
+
+
 @dataclass
 class Calibration:
     """Calibration of every chosen site of one model on one text; turns into parameters for any norm/estimator."""
@@ -180,8 +190,8 @@ class Calibration:
     autocast: str | None = None  # the pass's matmul dtype when it ran under torch.autocast
 
     def parameters(self, norm: str, estimator: str = DEFAULT_ESTIMATOR, anchors: int = 0,
-                   sites: list[NormSite] | None = None, kappa_from: str = "all"):
-        """({site: kappa or alpha}, {site: anchor channels}, summary for the config record)."""
+                   sites: list[NormSite] | None = None, kappa_from: str = "all") -> CalibratedParameters:
+        """kappa or alpha and the anchors of every site (`sites`, default all) for `norm`, and their summary."""
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}: choose one of {ESTIMATORS}")
         names = [site.name for site in sites] if sites is not None else list(self.sites)
@@ -199,7 +209,7 @@ class Calibration:
             "sites": {name: {key: values[name], "s": math.sqrt(self.sites[name].median_mean_square),
                              "anchors": site_anchors[name], **self.sites[name].sink_report()} for name in names},
         }
-        return values, site_anchors, summary
+        return CalibratedParameters(values, site_anchors, summary)
 
     def local_sensitivity(self, norm: str, estimator: str = DEFAULT_ESTIMATOR, anchors: int = 0) -> list[str]:
         """Site names, least sensitive first, by the replacement's relative error against the norm on the
@@ -271,10 +281,19 @@ def _finalise(model, stats: SiteStatistics, sink_ratio: float) -> SiteCalibratio
 
 
 def calibrate_parameters(model, sites: list[NormSite], calibration, norm: str, *, anchors=None,
-                         estimator: str = DEFAULT_ESTIMATOR, kappa_from: str = "all", **options):
-    """For `convert`: accept a finished `Calibration` or data to calibrate on, return parameters and summary."""
-    if not isinstance(calibration, Calibration):
-        calibration = calibrate(model, calibration, sites=sites, **options)
+                         estimator: str = DEFAULT_ESTIMATOR, kappa_from: str = "all",
+                         **options) -> CalibratedParameters:
+    """For `convert`: accept finished `CalibratedParameters`, a `Calibration`, or data to calibrate on."""
+    if isinstance(calibration, CalibratedParameters):
+        missing = sorted({site.name for site in sites} - set(calibration.values))
+        if missing:
+            raise ValueError(f"the calibrated parameters have no value for sites {missing[:3]}: calibrate the same "
+                             "model and sites.")
+        names = {site.name for site in sites}
+        return CalibratedParameters({n: v for n, v in calibration.values.items() if n in names},
+                                    {n: a for n, a in calibration.anchors.items() if n in names}, calibration.summary)
     if anchors is not None and not isinstance(anchors, int):
         raise ValueError("with calibration, anchors is a count k (the k largest channels per site).")
+    if not isinstance(calibration, Calibration):
+        calibration = calibrate(model, calibration, sites=sites, **options)
     return calibration.parameters(norm, estimator, anchors or 0, sites, kappa_from)

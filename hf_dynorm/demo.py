@@ -28,7 +28,8 @@ def greedy(model, tokenizer, prompt: str = PROMPT, tokens: int = 24) -> str:
 
 def run_demo(out, overrides: list[str] = ()) -> dict:
     from . import load_model, load_tokenizer
-    from .distill import parse_config, train
+    from .config import parse_config
+    from .distill import train
 
     out = Path(out)
     started = time.perf_counter()

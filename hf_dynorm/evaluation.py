@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import check_vocabulary, strided_windows, token_stream
+from .data import Window, check_vocabulary, strided_windows, token_stream
 
 PERCENTILES = (50, 90, 99, 99.9, 100)
 
@@ -43,17 +43,19 @@ def _percentiles(values: torch.Tensor) -> dict[str, float]:
     return {f"p{p:g}": float(q) for p, q in zip(PERCENTILES, quantiles)}
 
 
-@torch.no_grad()
-def score_tokens(model, ids: torch.Tensor, window: int = 512, stride: int | None = None, batch_size: int = 4,
-                 progress: bool = True) -> tuple[torch.Tensor, list]:
-    """NLL of every scored token (each token after the first exactly once) and the windows that scored them."""
+def _check_window(model, ids: torch.Tensor, window: int) -> None:
     inner = getattr(model, "module", model)  # a DDP-wrapped model keeps its config on .module
     context = getattr(inner.config, "max_position_embeddings", None)
     if context and window > context:
         raise ValueError(f"window {window} is longer than the model's context of {context} tokens: use --window "
                          f"{context} or less.")
-    windows = strided_windows(ids.numel(), window, stride)
     check_vocabulary(ids, inner)
+
+
+@torch.no_grad()
+def score_windows(model, ids: torch.Tensor, windows: list[Window], batch_size: int = 4,
+                  progress: bool = False) -> list[torch.Tensor]:
+    """The NLL of each window's scored tokens (from `scored_from` on), one forward per batch of equal lengths."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -72,7 +74,7 @@ def score_tokens(model, ids: torch.Tensor, window: int = 512, stride: int | None
         bar.update(len(batch))
     bar.close()
     model.train(was_training)
-    return nll, windows
+    return nll
 
 
 def _same_length(windows: list) -> list[list]:
@@ -85,14 +87,9 @@ def _same_length(windows: list) -> list[list]:
     return groups
 
 
-def perplexity(model, source="wiki-sample", *, tokenizer=None, split: str = "test", window: int = 512,
-               stride: int | None = None, batch_size: int = 4, max_tokens: int | None = None, worst: int = 3,
-               progress: bool = True) -> PerplexityResult:
-    """Perplexity of `model` on `source` (a text source name or path, a list of strings, or token ids)."""
-    ids = source if isinstance(source, torch.Tensor) else token_stream(source, tokenizer, split, max_tokens)
-    started = time.perf_counter()
-    nll, windows = score_tokens(model, ids, window, stride, batch_size, progress)
-    seconds = time.perf_counter() - started
+def summarise(nll: list[torch.Tensor], windows: list[Window], ids: torch.Tensor, *, window: int, stride: int | None,
+              seconds: float, tokenizer=None, worst: int = 3) -> PerplexityResult:
+    """The perplexity and its distribution from every window's token NLLs."""
     flat = torch.cat(nll).double()
     window_means = torch.stack([w.double().mean() for w in nll])
     mean = float(flat.mean())
@@ -103,9 +100,44 @@ def perplexity(model, source="wiki-sample", *, tokenizer=None, split: str = "tes
     return PerplexityResult(
         perplexity=math.exp(mean) if mean < 700 else math.inf, mean_nll=mean, tokens=flat.numel(),
         windows=len(windows), window=window, stride=stride or window, seconds=seconds,
-        tokens_per_second=sum(w.end - w.start for w in windows) / seconds, window_nll=window_means.tolist(),
-        token_nll_percentiles=_percentiles(flat), window_nll_percentiles=_percentiles(window_means),
-        worst_windows=worst_windows)
+        tokens_per_second=sum(w.end - w.start for w in windows) / max(seconds, 1e-9),
+        window_nll=window_means.tolist(), token_nll_percentiles=_percentiles(flat),
+        window_nll_percentiles=_percentiles(window_means), worst_windows=worst_windows)
+
+
+def perplexity(model, source="wiki-sample", *, tokenizer=None, split: str = "test", window: int = 512,
+               stride: int | None = None, batch_size: int = 4, max_tokens: int | None = None, worst: int = 3,
+               progress: bool = True) -> PerplexityResult:
+    """Perplexity of `model` on `source` (a text source name or path, a list of strings, or token ids)."""
+    ids = source if isinstance(source, torch.Tensor) else token_stream(source, tokenizer, split, max_tokens)
+    windows = strided_windows(ids.numel(), window, stride)
+    _check_window(model, ids, window)
+    started = time.perf_counter()
+    nll = score_windows(model, ids, windows, batch_size, progress)
+    return summarise(nll, windows, ids, window=window, stride=stride, seconds=time.perf_counter() - started,
+                     tokenizer=tokenizer, worst=worst)
+
+
+def sharded_perplexity(model, ids: torch.Tensor, *, window: int, rank: int, world_size: int, gather,
+                       tokenizer=None) -> PerplexityResult:
+    """`perplexity` with the windows shared out among `world_size` processes (this one is `rank`), the same result on
+    every process. `gather(obj)` returns every process's `obj` in rank order (a collective).
+
+    Every process runs the same number of forwards, one window each, padding with a repeat of the first window
+    whose result is dropped: under FSDP each forward is a collective (its shards are gathered), so a process with one
+    forward fewer would leave the others waiting for ever."""
+    windows = strided_windows(ids.numel(), window)
+    _check_window(model, ids, window)
+    mine = list(range(rank, len(windows), world_size))
+    turns = math.ceil(len(windows) / world_size)
+    started = time.perf_counter()
+    scored = [(index, score_windows(model, ids, [windows[index]], 1)[0]) for index in mine]
+    for _ in range(turns - len(mine)):
+        score_windows(model, ids, windows[:1], 1)
+    everyone = dict(pair for part in gather(scored) for pair in part)
+    nll = [everyone[index] for index in range(len(windows))]
+    return summarise(nll, windows, ids, window=window, stride=None, seconds=time.perf_counter() - started,
+                     tokenizer=tokenizer)
 
 
 def compare(model, reference, source="wiki-sample", *, tokenizer=None, split: str = "test", **options) -> dict:

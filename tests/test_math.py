@@ -369,3 +369,26 @@ def test_inference_runs_the_fused_math_without_autograd_and_gives_the_same_value
     module.requires_grad_(False)
     assert module(x).grad_fn is None  # frozen and no input gradient: nothing to record
     assert module(x.clone().requires_grad_()).grad_fn is not None
+
+
+@pytest.mark.parametrize("kind, per_channel", [("dyt", True), ("dyisru", False), ("dyisru", True),
+                                               ("anchored", False), ("anchored", True)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_autocast_leaves_the_arithmetic_in_fp32(kind, per_channel, grad):
+    # CPU autocast runs matmul in bf16: before, the anchored form with a per-channel kappa (a matmul over the anchor
+    # squares) was 3e-3 off the fp64 reference under it; fp32 arithmetic is within 1e-6
+    torch.manual_seed(0)
+    module = DyT(64, alpha=0.2, per_channel=per_channel) if kind == "dyt" else \
+        DyISRU(64, kappa=50.0, per_channel=per_channel, anchors=[3, 7, 11, 20] if kind == "anchored" else [])
+    x = 3 * torch.randn(4, 16, 64)
+    x[..., 3] *= 40
+    with torch.no_grad():
+        if kind == "dyt":
+            expected = dyt(x.double(), module.alpha.double(), module.weight.double())
+        else:
+            expected = dyisru(x.double(), module.kappa.double(), module.weight.double(), None, module.anchors,
+                              module.anchor_weight.double())
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+    assert y.dtype == torch.float32
+    assert float((y.double() - expected).abs().max() / expected.abs().max()) < 1e-6
