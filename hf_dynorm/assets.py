@@ -56,7 +56,8 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / EMBEDDED_MODEL
     if (target / "config.json").exists():
         return target
-    gguf = _packaged_file(*_GGUF)
+    override = os.environ.get("HF_DYNORM_SMOLLM2_GGUF")  # the same GGUF from elsewhere (benchmarks/gpu_check.sh)
+    gguf = Path(override) if override else _packaged_file(*_GGUF)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.warning("Dequantizing the embedded SmolLM2-135M GGUF into %s (once)", target)
@@ -117,7 +118,8 @@ def check_text_source(source: str) -> None:
     """Fail early, before any model loads, on an embedded text whose package is missing or a local file that is not
     there; Hub datasets are left to `datasets`."""
     if source == EMBEDDED_TEXT:
-        _packaged_file(*_WIKI)
+        if not (cache_dir() / "wiki-sample.json").exists():  # parsed before: the package is no longer needed
+            _packaged_file(*_WIKI)
     elif Path(source).suffix in (".txt", ".jsonl", ".json", ".csv", ".parquet") and not Path(source).exists():
         raise FileNotFoundError(f"data file {source} does not exist")
 

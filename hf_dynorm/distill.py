@@ -213,8 +213,8 @@ def setup(config: DistillConfig) -> Run:
     if config.overwrite and accelerator.is_main_process:
         _clear_earlier_run(Path(config.output_dir))
 
-    # -- data: the main process tokenizes (and unpacks an embedded model) first; the others read its cache -------
-    with accelerator.main_process_first():
+    # -- data: each node's main process tokenizes (and unpacks an embedded model) first; the others read its cache
+    with accelerator.local_main_process_first():  # each node fills its own cache
         tokenizer = load_tokenizer(config.model)
         train_ids = full_windows(token_stream(config.data, tokenizer, config.train_split, cache=True), config.seq_len)
         eval_ids = token_stream(config.data, tokenizer, config.eval_split, cache=True)
@@ -394,7 +394,7 @@ def resume(run: Run) -> tuple[int, int]:
     return state["step"], state["skipped"]
 
 
-def finish(run: Run, step: int, skipped: int, history: list[dict], seconds: float, peak_gb) -> dict:
+def finish(run: Run, step: int, skipped: int, history: list[dict], seconds: float, peaks: dict) -> dict:
     """Every site switched in whole, the final evaluation (all processes), the full weights gathered onto the main
     process, and there: LoRA merged into whole weights, the sites unwrapped, the model saved once with its results
     and card. Returns the results on the main process, {} on the others."""
@@ -439,7 +439,7 @@ def finish(run: Run, step: int, skipped: int, history: list[dict], seconds: floa
               "student": final_eval.to_dict(), "anchored": anchored, "tokens": tokens, "train_seconds": seconds,
               "tokens_per_second": tokens / max(seconds, 1e-9),
               "tokens_per_second_per_process": tokens / max(seconds, 1e-9) / accelerator.num_processes,
-              "skipped_steps": skipped, "optimizer_steps_by_process": optimizer_steps, "train_peak_rss_gb": peak_gb,
+              "skipped_steps": skipped, "optimizer_steps_by_process": optimizer_steps, **peaks,
               **run.topology, "history": history,
               "config": {k: v for k, v in asdict(config).items() if k != "sources"}}
     save_converted(final, run.output / "final", run.tokenizer, overwrite=True)
@@ -488,7 +488,7 @@ def train(config: DistillConfig) -> dict | None:
         if finite and step % config.save_every == 0 and step < config.max_steps:
             save_checkpoint(run, step, skipped)
     bar.close()
-    return finish(run, step, skipped, history, time.perf_counter() - started, _peak_memory_gb())
+    return finish(run, step, skipped, history, time.perf_counter() - started, _peak_memory())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -504,22 +504,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reset_peak_memory() -> None:
-    """Linux: reset the process's peak RSS so that the loop's own peak can be read afterwards."""
+    """Reset the peaks (Linux RSS, CUDA memory) so that the loop's own can be read afterwards."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_memory_gb() -> float | None:
-    """Peak RSS since `_reset_peak_memory` (Linux VmHWM), in GB; None elsewhere."""
+def _peak_memory() -> dict:
+    """Peak RSS since `_reset_peak_memory` (Linux VmHWM; None elsewhere) and peak CUDA memory, in GB."""
+    peaks = {"train_peak_rss_gb": None, "train_peak_gpu_gb": None}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1e6
+                peaks["train_peak_rss_gb"] = int(line.split()[1]) / 1e6
     except OSError:
         pass
-    return None
+    if torch.cuda.is_available():
+        peaks["train_peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return peaks
 
 
 if __name__ == "__main__":
