@@ -13,9 +13,10 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: `import hf_dynorm` reads this registry without it
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class NormSite:
 
     def gamma(self, module: nn.Module):
         """gamma = w * sqrt(C) (RMSNorm and LayerNorm), (1 + w) * sqrt(C) for Gemma (REFERENCE section 1)."""
+        import torch
+
         weight = getattr(module, "weight", None)
         weight = torch.ones(self.channels) if weight is None else weight.detach().float()
         if self.flavour == RMS_OFFSET:
@@ -98,10 +101,14 @@ class NormSite:
 
 
 def _looks_like_norm(module: nn.Module) -> bool:
+    from torch import nn
+
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
 
 
 def _generic_flavour(module: nn.Module) -> str:
+    from torch import nn
+
     return LAYER if isinstance(module, nn.LayerNorm) else RMS
 
 

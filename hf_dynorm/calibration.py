@@ -241,7 +241,7 @@ def calibrate(model, data="wiki-sample", *, tokenizer=None, sites: list[NormSite
     if autocast not in (None, torch.bfloat16, torch.float16):  # torch.autocast would only warn and run as is
         raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None (the model's dtype), got {autocast}.")
     if tokenizer is None and not isinstance(data, torch.Tensor):
-        from .assets import load_tokenizer
+        from .sources import load_tokenizer
 
         tokenizer = load_tokenizer(model.config._name_or_path)
     ids = token_stream(data, tokenizer, split)

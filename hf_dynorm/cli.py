@@ -43,14 +43,33 @@ def _conversion_kwargs(args, tokenizer) -> dict:
     return kwargs
 
 
-def cmd_convert(args) -> None:
-    from . import convert, load_model, load_tokenizer
-    from .conversion import save_converted
+def _tokenizer(name: str, needed_for: str | None):
+    """The tokenizer of `name`; where it has none that loads: an error naming --tokenizer if `needed_for` says what
+    needs one, else None."""
+    from . import load_tokenizer
 
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError, ImportError, TypeError) as error:
+        if needed_for:
+            raise ValueError(f"{needed_for} needs the model's tokenizer, and {name} has none that loads ({error}). "
+                             "Pass --tokenizer NAME_OR_PATH: the base model's Hub id or a folder with its tokenizer "
+                             "files.") from None
+        return None
+
+
+def cmd_convert(args) -> None:
+    from . import convert, load_model
+    from .conversion import save_converted
+    from .fileio import check_output_folder
+
+    check_output_folder(args.output, args.overwrite)
+    tokenizer = _tokenizer(args.tokenizer or args.model, "calibration" if args.calibration else None)
+    model = load_model(args.model)
     convert(model, args.norm, **_conversion_kwargs(args, tokenizer))
     save_converted(model, args.output, tokenizer, overwrite=args.overwrite)
-    print(f"converted {len(model.config.dynorm['sites'])} norms to {args.norm}; saved to {args.output}")
+    print(f"converted {len(model.config.dynorm['sites'])} norms to {args.norm}; saved to {args.output}"
+          + ("" if tokenizer is not None else " (no tokenizer: the model folder had none; add one with --tokenizer)"))
 
 
 def cmd_info(args) -> None:
@@ -73,11 +92,13 @@ def cmd_info(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from . import load_model, load_tokenizer
+    from . import load_model
     from .evaluation import compare, perplexity
+    from .fileio import check_output_folder
     from .reports import write_eval_report
 
-    tokenizer = load_tokenizer(args.model)
+    check_output_folder(args.out, args.overwrite)
+    tokenizer = _tokenizer(args.tokenizer or args.model, "evaluation on text")
     model = load_model(args.model)
     options = dict(tokenizer=tokenizer, split=args.split, window=args.window, stride=args.stride,
                    batch_size=args.batch_size, max_tokens=args.max_tokens)
@@ -119,15 +140,19 @@ def _fidelity(args, model, tokenizer):
 
 
 def cmd_paper_demo(args) -> None:
+    from .fileio import check_output_folder
     from .paper_demo import run_paper_demo
 
+    check_output_folder(args.out, args.overwrite)
     run_paper_demo(args.out)
     print(Path(args.out, "report.md").read_text())
 
 
 def cmd_calibrate(args) -> None:
+    from .fileio import check_output_folder
     from .reports import zero_shot_report
 
+    check_output_folder(args.out, args.overwrite)
     zero_shot_report(args.model, args.data, args.out, windows=args.windows, eval_windows=args.eval_windows,
                      sensitivity=not args.no_sensitivity)
     print(Path(args.out, "report.md").read_text())
@@ -135,11 +160,10 @@ def cmd_calibrate(args) -> None:
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
+    from .fileio import check_output_folder
 
-    run_demo(args.out, args.overrides)
-
-
-
+    check_output_folder(args.out, args.overwrite)
+    run_demo(args.out, [*args.overrides, *(["--overwrite", "true"] if args.overwrite else [])])
 
 
 def cmd_card(args) -> None:
@@ -154,8 +178,15 @@ def cmd_push(args) -> None:
 
     if args.dry_run and not args.out:
         raise ValueError("--dry-run needs --out STAGE: the folder to write instead of uploading.")
+    if args.out and not args.dry_run:
+        raise ValueError("--out names the stage folder of --dry-run; add --dry-run, or drop --out to upload.")
+    if args.dry_run:
+        from .fileio import check_output_folder
+
+        check_output_folder(args.out, args.overwrite)
     where = push_to_hub(args.folder, args.repo_id, results=args.results, private=args.private, token=args.token,
-                        revision=args.revision, license=args.license, dry_run_dir=args.out if args.dry_run else None)
+                        revision=args.revision, license=args.license, dry_run_dir=args.out if args.dry_run else None,
+                        overwrite=args.overwrite)
     print(f"staged in {where} (nothing uploaded)" if args.dry_run else f"pushed: {where}")
 
 
@@ -167,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="write a converted model folder (with tokenizer)")
     convert.add_argument("model", help=f"Hub id, local folder or {EMBEDDED_MODEL}")
     convert.add_argument("output")
-    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it holds files")
+    convert.add_argument("--tokenizer", help="where the tokenizer is, if not in MODEL (needed with --calibration)")
     _add_conversion_options(convert)
     convert.set_defaults(func=cmd_convert)
 
@@ -187,12 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fidelity", action="store_true",
                           help="outlier fidelity per site (converted: against --reference; else DyT/DyISRU what-if)")
     evaluate.add_argument("--out", default="outputs/eval")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
+    evaluate.add_argument("--tokenizer", help="where the tokenizer is, if not in MODEL")
     evaluate.set_defaults(func=cmd_eval)
 
     calibrate = commands.add_parser("calibrate", help="zero-shot report: every norm kind and estimator, swapped")
     calibrate.add_argument("model")
     calibrate.add_argument("--data", default=EMBEDDED_TEXT)
     calibrate.add_argument("--out", default="outputs/calibration")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     calibrate.add_argument("--windows", type=int, default=64, help="calibration windows of 512 tokens")
     calibrate.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 512 tokens")
     calibrate.add_argument("--no-sensitivity", action="store_true", help="skip the per-site sweep")
@@ -200,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_paper = commands.add_parser("paper-demo", help="the paper's numerical demonstration, with a sweep")
     demo_paper.add_argument("--out", default="outputs/paper-demo")
+    demo_paper.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     demo_paper.set_defaults(func=cmd_paper_demo)
 
     card = commands.add_parser("card", help="render the model card into a converted folder's README.md")
@@ -218,10 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--license")
     push.add_argument("--dry-run", action="store_true", help="write the stage folder to --out, upload nothing")
     push.add_argument("--out")
+    push.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     push.set_defaults(func=cmd_push)
 
     demo = commands.add_parser("demo", help="the main job: calibrate, convert, distil, evaluate the embedded default")
     demo.add_argument("--out", default="outputs/demo")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out (and its distillation) if it holds files")
     demo.set_defaults(func=cmd_demo)  # further --key value arguments override the distillation recipe
 
     commands.add_parser("distill", help="distil: --config RECIPE.yaml [--key value ...] (see hf_dynorm.distill)")

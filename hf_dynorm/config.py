@@ -105,7 +105,7 @@ class DistillConfig:
                 and self.adam_epsilon > 0 and self.max_grad_norm > 0):
             raise ValueError("temperature, adam_epsilon and max_grad_norm must be positive and learning rates "
                              "non-negative")
-        from .assets import check_text_source, parse_split
+        from .sources import check_text_source, parse_split
 
         for split in (self.train_split, self.eval_split):
             parse_split(split)
@@ -141,7 +141,7 @@ class DistillConfig:
         from transformers import PretrainedConfig
 
         from .architectures import ARCHITECTURES
-        from .assets import resolve_model
+        from .sources import resolve_model
 
         config, _ = PretrainedConfig.get_config_dict(resolve_model(name))
         if config.get("model_type") not in ARCHITECTURES:

@@ -7,59 +7,88 @@ leaves the model as it was. What was done is written to ``model.config.dynorm``;
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 
 import torch
-import transformers
 from torch import nn
-from transformers import AutoConfig
-from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import __version__
 from .architectures import ARCHITECTURES, ROLES, NormSite, find_norm_sites
+from .calibration import calibrate
 from .fileio import atomic_directory
-from .modeling_dynorm import (
-    NORM_KINDS,
-    DyISRU,
-    DyT,
-    dynorm_config_class,
-    dynorm_model_class,
-    install_norms,
-    register_auto_class,
-)
+from .modeling_dynorm import NORM_KINDS, DyISRU, DyT, dynorm_config_class, dynorm_model_class, install_norms
+from .registry import register_architecture
 
-# The task heads a converted checkpoint can be reloaded into with an Auto class.
-_AUTO_CLASSES = {
-    "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
-    "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    "AutoModelForMaskedLM": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    "AutoModelForTokenClassification": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
-}
-DYNORM_PREFIX = "dynorm_"
+# what `convert` passes on to `calibrate` (the model, its data and its sites are convert's own)
+CALIBRATION_OPTIONS = frozenset(inspect.signature(calibrate).parameters) - {"model", "data", "sites"}
 
 
 class ConversionError(ValueError):
     """A conversion that cannot be done as asked; the model is unchanged."""
 
 
-def register_architecture(model_type: str) -> None:
-    """Make ``dynorm_<model_type>`` checkpoints loadable with transformers' Auto classes in this process."""
-    config_class = dynorm_config_class(CONFIG_MAPPING[model_type])
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    for auto_name, class_names in _AUTO_CLASSES.items():
-        if model_type in class_names:
-            model_class = dynorm_model_class(getattr(transformers, class_names[model_type]))
-            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
-            register_auto_class(auto_name, model_class)
+@dataclass(frozen=True)
+class ConversionOptions:
+    """How `convert` swaps the norms, typed and checked as PEFT's configs are: an unknown option is an error (a
+    misspelled keyword fails instead of being ignored), and so is one that does not apply (kappa for DyT, an anchor
+    count without calibration data).
 
+    norm: "dyisru" or "dyt". sites: roles or regular expressions over module names (None: all). kappa / alpha: one
+    value, or one per role, instead of calibration. per_channel: one kappa/alpha per channel. anchors: channel
+    indices, or with calibration a count k (the k largest channels per site). bound: saturate at `bound` x token rms
+    instead of the paper's sqrt(C). estimator, kappa_from: how calibration turns statistics into kappa/alpha.
+    calibration_options: passed on to `calibration.calibrate` (window, max_windows, tokenizer, ...).
+    """
 
-def register_all() -> None:
-    for model_type in ARCHITECTURES:
-        register_architecture(model_type)
+    norm: str = "dyisru"
+    sites: str | tuple[str, ...] | None = None
+    kappa: float | dict | None = None
+    alpha: float | dict | None = None
+    per_channel: bool = False
+    anchors: int | tuple[int, ...] | None = None
+    bound: float | None = None
+    estimator: str = "median"
+    kappa_from: str = "all"
+    calibration_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .calibration import ESTIMATORS, KAPPA_FROM
+
+        if self.norm not in NORM_KINDS:
+            raise ConversionError(f"unknown norm {self.norm!r}: choose one of {sorted(NORM_KINDS)}.")
+        if (self.kappa if self.norm == "dyt" else self.alpha) is not None:
+            raise ConversionError(f"{'kappa' if self.norm == 'dyt' else 'alpha'} belongs to "
+                                  f"{'DyISRU' if self.norm == 'dyt' else 'DyT'}; {self.norm} takes "
+                                  f"{'alpha' if self.norm == 'dyt' else 'kappa'}.")
+        if self.norm == "dyt" and self.anchors:
+            raise ConversionError("anchors belong to DyISRU; DyT has no anchored form.")
+        if self.bound is not None and not self.bound > 0:
+            raise ConversionError(f"bound must be a positive number of token rms (got {self.bound}); leave it unset "
+                                  "for the paper's sqrt(C).")
+        if self.estimator not in ESTIMATORS or self.kappa_from not in KAPPA_FROM:
+            raise ConversionError(f"estimator must be one of {ESTIMATORS} and kappa_from one of {KAPPA_FROM}; got "
+                                  f"{self.estimator!r} and {self.kappa_from!r}.")
+        unknown = sorted(set(self.calibration_options) - CALIBRATION_OPTIONS)
+        if unknown:
+            raise ConversionError(f"unknown calibration option(s) {unknown}; calibrate() takes "
+                                  f"{sorted(CALIBRATION_OPTIONS)}.")
+
+    @classmethod
+    def from_keywords(cls, norm: str, keywords: dict) -> ConversionOptions:
+        """The options of `convert(model, norm, **keywords)`: each keyword is an option of this class or of
+        `calibration.calibrate`; anything else raises TypeError naming what exists."""
+        own = {f.name for f in fields(cls)} - {"norm", "calibration_options"}
+        unknown = sorted(set(keywords) - own - CALIBRATION_OPTIONS)
+        if unknown:
+            raise TypeError(f"convert() got unknown option(s) {unknown}; its options are {sorted(own)}, and with "
+                            f"calibration= those of calibrate(): {sorted(CALIBRATION_OPTIONS)}.")
+        return cls(norm=norm, **{k: v for k, v in keywords.items() if k in own},
+                   calibration_options={k: v for k, v in keywords.items() if k not in own})
 
 
 def is_converted(model_or_config) -> bool:
@@ -72,6 +101,14 @@ def select_sites(sites: list[NormSite], selection: str | Iterable[str] | None) -
     if selection is None or selection == "all":
         return list(sites)
     selectors = [selection] if isinstance(selection, str) else list(selection)
+    for selector in selectors:
+        if selector not in ROLES:
+            try:
+                re.compile(selector)
+            except re.error as error:
+                raise ConversionError(f"sites={selector!r} is neither a role ({', '.join(ROLES)}) nor a valid regular "
+                                      f"expression ({error}); escape special characters, e.g. r'layers\\.1\\.'.") \
+                    from None
     chosen = [site for site in sites
               if any(site.role == s if s in ROLES else re.search(s, site.name) for s in selectors)]
     if not chosen:
@@ -127,43 +164,45 @@ def _explicit_value(explicit: float | dict[str, float], site: NormSite) -> float
     return float(explicit[site.role])
 
 
-def convert(
-    model: nn.Module,
-    norm: str = "dyisru",
-    *,
-    sites: str | Iterable[str] | None = None,
-    kappa: float | dict[str, float] | None = None,
-    alpha: float | dict[str, float] | None = None,
-    per_channel: bool = False,
-    anchors: Iterable[int] | None = None,
-    bound: float | None = None,
-    calibration=None,
-    **calibration_options,
-) -> nn.Module:
+def convert(model: nn.Module, norm: str | ConversionOptions = "dyisru", *, calibration=None, **options) -> nn.Module:
     """Replace the model's norms by `norm` ("dyisru" or "dyt") in place and return the model.
 
     gamma comes from each norm's own weight (w * sqrt(C), (1 + w) * sqrt(C) for Gemma) and LayerNorm's bias is kept.
-    kappa/alpha: from `calibration` (text, token ids or a `Calibration`; see `calibration.calibrate`, whose options
-    pass through) when given, else `kappa`/`alpha` (a dict gives one value per role), else the unit-rms default of
-    `default_parameter`. `anchors`: channel indices coupled at every site wide enough (anchored DyISRU); with
-    calibration, ``anchors=k`` picks the k largest channels per site instead. `bound`: saturate at `bound` times
-    the token rms (output bound `bound` * w per channel) instead of the paper's sqrt(C), slope at 0 unchanged;
-    ~0.5 makes a pure element-wise SmolLM2 ~1e155 times better zero-shot (see `bounded` and the README).
+    kappa/alpha: from `calibration` (text, token ids, a `Calibration` or `CalibratedParameters`; see
+    `calibration.calibrate`, whose options pass through) when given, else `kappa`/`alpha` (a dict gives one value
+    per role), else the unit-rms default of `default_parameter`. `anchors`: channel indices coupled at every site
+    wide enough (anchored DyISRU); with calibration, ``anchors=k`` picks the k largest channels per site instead.
+    `bound`: saturate at `bound` times the token rms (output bound `bound` * w per channel) instead of the paper's
+    sqrt(C), slope at 0 unchanged; ~0.5 makes a pure element-wise SmolLM2 ~1e155 times better zero-shot (see
+    `bounded` and the README). Every option is one of `ConversionOptions` (which `norm` may also be) or of
+    `calibrate`; anything else raises TypeError, and nothing about the model changes unless the whole conversion
+    can be done.
     """
+    if isinstance(norm, ConversionOptions):
+        if options:
+            raise TypeError("give the options either as a ConversionOptions or as keywords, not both")
+        settings = norm
+    else:
+        settings = ConversionOptions.from_keywords(norm, options)
     if is_converted(model):
         raise ConversionError("this model is already converted (its config has a `dynorm` record); convert the "
                               "original model instead.")
-    if norm not in NORM_KINDS:
-        raise ConversionError(f"unknown norm {norm!r}: choose one of {sorted(NORM_KINDS)}.")
-    explicit = kappa if norm == "dyisru" else alpha
+    norm, anchors, bound, per_channel = settings.norm, settings.anchors, settings.bound, settings.per_channel
+    explicit = settings.kappa if norm == "dyisru" else settings.alpha
     if calibration is not None and explicit is not None:
         raise ConversionError("give either calibration data or an explicit kappa/alpha, not both.")
-    if norm == "dyt" and anchors:
-        raise ConversionError("anchors belong to DyISRU; DyT has no anchored form.")
-    if bound is not None and not bound > 0:
-        raise ConversionError(f"bound must be a positive number of token rms (got {bound}); leave it unset for "
-                              "the paper's sqrt(C).")
-    chosen = select_sites(find_norm_sites(model), sites)
+    defaults = ConversionOptions()
+    given = sorted(settings.calibration_options) + [name for name in ("estimator", "kappa_from")
+                                                    if getattr(settings, name) != getattr(defaults, name)]
+    if calibration is None and given:
+        raise ConversionError(f"{', '.join(given)}: calibration options, but no calibration data was given; pass "
+                              "calibration= (a text source, token ids or a Calibration).")
+    found = find_norm_sites(model)
+    if not found:
+        raise ConversionError(f"found no norm in this {type(model).__name__} ({model.config.model_type}): its norm "
+                              "class is neither nn.LayerNorm nor named *RMSNorm, and its architecture is not in "
+                              f"hf_dynorm's registry ({', '.join(ARCHITECTURES)}). Nothing was changed.")
+    chosen = select_sites(found, settings.sites)
     if model.config.model_type not in CONFIG_MAPPING:
         raise ConversionError(f"model_type {model.config.model_type!r} is not a transformers architecture (remote "
                               "code?); hf_dynorm converts models whose classes ship with transformers.")
@@ -173,8 +212,9 @@ def convert(
     if calibration is not None:
         from .calibration import calibrate_parameters
 
-        values, site_anchors, summary = calibrate_parameters(model, chosen, calibration, norm,
-                                                            anchors=anchors, **calibration_options)
+        values, site_anchors, summary = calibrate_parameters(
+            model, chosen, calibration, norm, anchors=anchors, estimator=settings.estimator,
+            kappa_from=settings.kappa_from, **settings.calibration_options)
         origin = f"calibration ({summary['estimator']})"
     else:
         if isinstance(anchors, int):

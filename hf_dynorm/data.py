@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .assets import load_texts
+from .sources import load_texts
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _separator_pieces(tokenizer) -> tuple[list[int], list[int], list[int]] | Non
 
 def token_stream(source, tokenizer, split: str = "test", max_tokens: int | None = None,
                  cache: bool = False) -> torch.Tensor:
-    """Token ids from a text source (see `assets.load_texts`), a list of strings, or ids already. `cache`: keep the
+    """Token ids from a text source (see `sources.load_texts`), a list of strings, or ids already. `cache`: keep the
     ids of a named source in hf_dynorm's cache folder and read them from there next time (distillation tokenizes on
     its main process first; the other processes then read the file)."""
     if isinstance(source, torch.Tensor):

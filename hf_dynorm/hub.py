@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .assets import EMBEDDED_HUB_IDS
+from .fileio import atomic_directory, check_output_folder
 from .modeling_dynorm import CODE_FILE
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -168,10 +169,11 @@ def stage(folder, *, results_path=None, repo_id=None, license=None, tokenizer=No
 
 def push_to_hub(model_or_folder, repo_id: str, *, tokenizer=None, results=None, private: bool | None = None,
                 token: str | None = None, revision: str | None = None, commit_message: str | None = None,
-                license: str | None = None, dry_run_dir=None) -> str:
+                license: str | None = None, dry_run_dir=None, overwrite: bool = False) -> str:
     """Upload a converted model (object or saved folder) with its card, results and plots in one commit.
 
-    Returns the commit URL, or the stage folder's path with `dry_run_dir` (nothing is sent then).
+    Returns the commit URL, or the stage folder's path with `dry_run_dir` (nothing is sent then; a `dry_run_dir`
+    that holds files is refused unless `overwrite`).
     """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -182,6 +184,8 @@ def push_to_hub(model_or_folder, repo_id: str, *, tokenizer=None, results=None, 
             raise HFValidationError("it needs a namespace")
     except HFValidationError as error:
         raise PublishError(f"repo id {repo_id!r} is malformed ({error}); use 'user-or-org/name'.") from None
+    if dry_run_dir is not None:
+        check_output_folder(dry_run_dir, overwrite)
     with tempfile.TemporaryDirectory() as scratch:
         folder = model_or_folder
         if not isinstance(model_or_folder, (str, os.PathLike)):
@@ -193,9 +197,8 @@ def push_to_hub(model_or_folder, repo_id: str, *, tokenizer=None, results=None, 
         staged = stage(folder, results_path=results, repo_id=repo_id, license=license, tokenizer=tokenizer)
     try:
         if dry_run_dir is not None:
-            if Path(dry_run_dir).exists():
-                shutil.rmtree(dry_run_dir)
-            shutil.copytree(staged, dry_run_dir)
+            with atomic_directory(dry_run_dir, overwrite=overwrite) as tmp:
+                shutil.copytree(staged, tmp, dirs_exist_ok=True)
             return str(dry_run_dir)
         token = token or get_token()
         if not token:

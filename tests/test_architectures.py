@@ -86,8 +86,9 @@ def test_convert_replaces_every_site_keeping_the_norm_weights(model_type, norm):
 @pytest.mark.parametrize("norm", ["dyisru", "dyt"])
 def test_bound_keeps_the_slope_at_zero_and_caps_the_output(norm):
     reference, bounded = tiny_model("llama"), tiny_model("llama")
-    hf_dynorm.convert(reference, norm, kappa=40.0, alpha=0.2)
-    hf_dynorm.convert(bounded, norm, kappa=40.0, alpha=0.2, bound=0.5)
+    value = {"kappa": 40.0} if norm == "dyisru" else {"alpha": 0.2}
+    hf_dynorm.convert(reference, norm, **value)
+    hf_dynorm.convert(bounded, norm, **value, bound=0.5)
     name = "model.layers.0.input_layernorm"
     paper, capped = reference.get_submodule(name), bounded.get_submodule(name)
     channels = paper.weight.numel()
@@ -238,3 +239,44 @@ def test_torch_compile_of_a_converted_model_matches_eager(norm):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+WITH_A_FRESH_IMPORT = textwrap.dedent("""
+    import json, sys
+    import hf_dynorm  # first: neither torch nor transformers yet
+    lazy = not any(name in sys.modules for name in ("torch", "transformers"))
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    results = {"lazy": lazy}
+    for model_type, folder, masked in json.loads(sys.argv[1]):
+        model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_pretrained(folder)
+        with torch.no_grad():
+            logits = model(torch.load(folder + "/inputs.pt")).logits
+        bare = AutoModel.from_pretrained(folder)
+        results[model_type] = {"class": type(model).__name__, "bare": type(bare).__name__,
+                               "identical": bool(torch.equal(logits, torch.load(folder + "/logits.pt")))}
+    print("RESULTS " + json.dumps(results))
+""")
+
+
+def test_a_fresh_import_is_lazy_and_still_loads_every_architecture_with_auto_classes(tmp_path):
+    # `import hf_dynorm` imports no torch or transformers; the converted architectures register when transformers'
+    # config mapping loads, and every saved checkpoint then loads bit-identically through the Auto classes
+    jobs = []
+    for model_type in ARCHITECTURES:
+        folder = tmp_path / model_type
+        model = hf_dynorm.convert(tiny_model(model_type), "dyt")
+        model.save_pretrained(folder)
+        inputs = tiny_inputs()
+        with torch.no_grad():
+            torch.save(model(inputs).logits, folder / "logits.pt")
+        torch.save(inputs, folder / "inputs.pt")
+        jobs.append((model_type, str(folder), model_type in ENCODERS))
+    run = subprocess.run([sys.executable, "-c", WITH_A_FRESH_IMPORT, json.dumps(jobs)], capture_output=True,
+                         text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.rpartition("RESULTS ")[2].splitlines()[0])
+    assert results.pop("lazy") is True
+    for model_type, found in results.items():
+        assert found["identical"] and found["class"].startswith("Dynorm") and found["bare"].startswith("Dynorm"), \
+            model_type

