@@ -110,7 +110,7 @@ class DistillConfig:
         for split in (self.train_split, self.eval_split):
             parse_split(split)
         self._check_output()
-        check_text_source(self.data)
+        check_text_source(self.data, (self.train_split, self.eval_split))
         for name in (self.model, self.teacher):
             if name:
                 self._check_model(name)

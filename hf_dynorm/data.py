@@ -77,6 +77,9 @@ def token_stream(source, tokenizer, split: str = "test", max_tokens: int | None 
     """Token ids from a text source (see `sources.load_texts`), a list of strings, or ids already. `cache`: keep the
     ids of a named source in hf_dynorm's cache folder and read them from there next time (distillation tokenizes on
     its main process first; the other processes then read the file)."""
+    if tokenizer is None and not isinstance(source, torch.Tensor):  # before any text is read
+        raise ValueError("text needs a tokenizer: pass tokenizer= (the model's own: hf_dynorm.load_tokenizer(MODEL)), "
+                         "or give token ids")
     if isinstance(source, torch.Tensor):
         ids = source.flatten().long()
     elif isinstance(source, (list, tuple)):

@@ -51,13 +51,22 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 
-def check_text_source(source: str) -> None:
-    """Fail early, before any model loads, on an embedded text whose package is missing or a local file that is not
-    there; Hub datasets are left to `datasets`."""
+def check_text_source(source: str, splits: tuple[str, ...] = ()) -> None:
+    """Fail early, before any model loads, on an embedded text whose package is missing or whose `splits` it does
+    not have, or a local file that is not there; Hub datasets are left to `datasets`."""
     if source == EMBEDDED_TEXT:
         check_wiki_sample()
+        for split in splits:
+            _wiki_split(split)
     elif Path(source).suffix in (".txt", ".jsonl", ".json", ".csv", ".parquet") and not Path(source).exists():
         raise FileNotFoundError(f"data file {source} does not exist")
+
+
+def _wiki_split(split: str) -> tuple[str, str | None, str | None]:
+    name, start, stop = parse_split(split)
+    if name not in ("train", "test", "all"):
+        raise ValueError(f"{EMBEDDED_TEXT} has the splits train, test and all (sliceable: train[:50]), not {name!r}")
+    return name, start, stop
 
 
 _SPLIT = re.compile(r"^(?P<name>[\w.-]+)(?:\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
@@ -88,14 +97,10 @@ def load_texts(source: str | os.PathLike, split: str = "test") -> list[str]:
     ``name:config`` (its `split`)."""
     source = str(source)
     if source == EMBEDDED_TEXT:
-        name, start, stop = parse_split(split)
+        name, start, stop = _wiki_split(split)
         articles = wiki_articles()
         cut = len(articles) - max(1, round(TEST_FRACTION * len(articles)))
-        splits = {"train": articles[:cut], "test": articles[cut:], "all": articles}
-        if name not in splits:
-            raise ValueError(f"{EMBEDDED_TEXT} has the splits train, test and all (sliceable: train[:50]), not "
-                             f"{name!r}")
-        return _sliced(splits[name], start, stop)
+        return _sliced({"train": articles[:cut], "test": articles[cut:], "all": articles}[name], start, stop)
     path = Path(source)
     if path.suffix == ".txt":
         if not path.exists():

@@ -180,7 +180,7 @@ def test_bad_calibration_input():
         calibrate(model, ["short"], tokenizer=Tokenizer())
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         calibrate(model, torch.full((1024,), VOCAB + 5), window=32)
-    with pytest.raises(ValueError, match="unknown estimator"):
+    with pytest.raises(ValueError, match="estimator must be one of"):
         hf_dynorm.convert(model, calibration=torch.randint(3, VOCAB, (256,)), window=32, estimator="mode",
                           progress=False)
     assert getattr(model.config, "dynorm", None) is None

@@ -1,13 +1,15 @@
 """The command line end to end on a tiny model with its own tokenizer and text."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
 import hf_dynorm
-from tiny import save_tiny_checkpoint
+from hf_dynorm.data import token_stream
+from tiny import hand_mean_nll, save_tiny_checkpoint
 
 
 def cli(*args, timeout=600):
@@ -36,7 +38,11 @@ def test_convert_with_calibration_then_info_eval_and_fidelity(tiny, tmp_path):
     report = cli("eval", out, "--reference", model, "--data", text, "--window", "32", "--fidelity",
                  "--out", tmp_path / "eval")
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert results["perplexity_ratio"] > 0 and "converted" in results["fidelity"]["candidates"]
+    tokens = token_stream(str(text), hf_dynorm.load_tokenizer(model))
+    expected = math.exp(hand_mean_nll(hf_dynorm.load_model(out), tokens, 32)
+                        - hand_mean_nll(hf_dynorm.load_model(model), tokens, 32))
+    assert results["perplexity_ratio"] == pytest.approx(expected, rel=1e-5)
+    assert "converted" in results["fidelity"]["candidates"]
     assert results["model_fingerprint"] and "Outlier fidelity" in report
     assert (tmp_path / "eval" / "fidelity_by_depth.png").exists()
 
@@ -56,7 +62,15 @@ def test_zero_shot_calibration_report(tiny, tmp_path, monkeypatch):
     results = reports.zero_shot_report(model, text, tmp_path, windows=4, eval_windows=2, window=32)
     assert len(results["all_sites"]) == 2 + 4 + 2 * 4 + 1 + 2 * len(reports.BOUNDS)
     assert len(results["sensitivity"]) == 5 and results["cumulative"][-1]["sites"] == 5
-    assert "All sites swapped" in (tmp_path / "report.md").read_text()
+    # a row against its own computation by hand: DyT with the paper's alpha swapped at every site
+    original, tokens = hf_dynorm.load_model(model), token_stream(str(text), hf_dynorm.load_tokenizer(model), "test")
+    tokens = tokens[:2 * 32]
+    swapped = hf_dynorm.convert(hf_dynorm.load_model(model), "dyt", alpha=reports.DYT_PAPER_ALPHA)
+    expected = math.exp(hand_mean_nll(swapped, tokens, 32) - hand_mean_nll(original, tokens, 32))
+    row = next(r for r in results["all_sites"] if r["estimator"] == f"paper alpha {reports.DYT_PAPER_ALPHA}")
+    assert row["perplexity_ratio"] == pytest.approx(expected, rel=1e-5)
+    report = (tmp_path / "report.md").read_text()
+    assert f"| dyt | paper alpha {reports.DYT_PAPER_ALPHA} | 0 | {expected:.4g} |" in report
 
 
 def test_paper_demo_cli(tmp_path):

@@ -232,7 +232,8 @@ def test_multi_gpu_recipes_smoke_on_a_tiny_model_of_their_architecture(recipe, t
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(RECIPE).parents[1] / "smollm2-135m").glob("*.yaml")))
-def test_cpu_recipes_are_valid_configs(recipe):
-    config = parse_config(["--config", str(Path(RECIPE).parents[1] / "smollm2-135m" / recipe)])
+def test_cpu_recipes_are_valid_configs(recipe, smollm2, tmp_path):
+    config = parse_config(["--config", str(Path(RECIPE).parents[1] / "smollm2-135m" / recipe), "--output_dir",
+                           str(tmp_path)])
     # the 30-minute budget: a LoRA step runs ~130 tokens/s on 2 cores, evaluation included (174k took 22.4 min)
     assert config.model == "smollm2-135m" and config.max_steps * config.batch_size * config.seq_len <= 200_000

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from hf_dynorm.data import strided_windows
 from hf_dynorm.evaluation import compare, perplexity
-from tiny import VOCAB, tiny_model
+from tiny import VOCAB, hand_mean_nll, tiny_model
 
 
 def ids(n, seed=0):
@@ -65,10 +65,12 @@ def test_worst_window_report_names_the_planted_failure():
     assert result.window_nll_percentiles["p100"] == pytest.approx(result.worst_windows[0]["mean_nll"])
 
 
-def test_reference_ratio_of_a_model_against_itself_is_one():
-    model = tiny_model("gpt2")
-    results = compare(model, model, ids(200), window=64, stride=32, progress=False)
-    assert results["perplexity_ratio"] == 1.0
+def test_reference_ratio_is_the_ratio_of_hand_computed_perplexities():
+    model, reference, tokens = tiny_model("gpt2", seed=1), tiny_model("gpt2", seed=2), ids(192)
+    results = compare(model, reference, tokens, window=64, progress=False)
+    expected = math.exp(hand_mean_nll(model, tokens, 64) - hand_mean_nll(reference, tokens, 64))
+    assert expected != pytest.approx(1.0, abs=1e-3)  # two different models
+    assert results["perplexity_ratio"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_bad_evaluation_input():

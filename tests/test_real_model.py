@@ -1,6 +1,7 @@
 """The embedded SmolLM2-135M: converts, calibrates, saves and reloads bit-identically (CI runs it)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import hf_dynorm
 from hf_dynorm.conversion import save_converted
 from hf_dynorm.data import token_stream
 from hf_dynorm.evaluation import perplexity
-from tiny import reload_without_hf_dynorm
+from tiny import hand_mean_nll, reload_without_hf_dynorm
 
 pytestmark = pytest.mark.real_model
 
@@ -27,8 +28,17 @@ def test_smollm2_registry_calibration_and_round_trip(smollm2, tmp_path):
                       anchors=4, progress=False)
     record = converted.config.dynorm
     assert record["calibration"]["tokens"] == 4 * 512 and len(record["sites"]) == 61
-    # the massive-activation channels REFERENCE.md names are picked as anchors at mid depth
-    assert {247, 507} <= set(record["calibration"]["sites"]["model.layers.15.post_attention_layernorm"]["anchors"])
+    # the anchors are the 4 channels of largest |x| in the calibration windows: found again here by a hook on the
+    # site's input over the same windows (the first 4 windows of 512 tokens of the train split)
+    site = "model.layers.15.post_attention_layernorm"
+    windows = token_stream("wiki-sample", tokenizer, "train")[:4 * 512].view(4, 512)
+    largest = torch.zeros(model.config.hidden_size)
+    hook = model.get_submodule(site).register_forward_pre_hook(
+        lambda module, args: largest.copy_(torch.maximum(largest, args[0].detach().abs().amax((0, 1)))))
+    with torch.no_grad():
+        model(windows)
+    hook.remove()
+    assert record["calibration"]["sites"][site]["anchors"] == sorted(torch.topk(largest, 4).indices.tolist())
 
     save_converted(converted, tmp_path / "model", tokenizer)
     probe = ids[:128][None]
@@ -40,13 +50,19 @@ def test_smollm2_registry_calibration_and_round_trip(smollm2, tmp_path):
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dynorm"]["norm"] == "dyisru"
 
 
-def test_main_job_runs_the_shipped_recipe_end_to_end(tmp_path):
+def test_main_job_runs_the_shipped_recipe_end_to_end(smollm2, tmp_path):
     """`hf-dynorm demo` = the packaged smollm2-135m/dyisru.yaml cut short (here to 2 steps): settings, files, report."""
     from hf_dynorm.demo import run_demo
 
+    original, tokenizer = smollm2
     summary = run_demo(tmp_path, ["--max_steps", "2", "--warmup_steps", "1", "--ramp_steps", "1",
                                   "--eval_windows", "1", "--calibration_windows", "1"])
-    assert summary["anchored"] and summary["tokens"] == 2 * 2 * 256 and summary["perplexity_ratio"] > 0
+    assert summary["anchored"] and summary["tokens"] == 2 * 2 * 256
+    # the ratio of the saved model to the original, by hand on the held-out window it was scored on
+    held_out = token_stream("wiki-sample", tokenizer, "test")[:512]
+    expected = math.exp(hand_mean_nll(hf_dynorm.load_model(tmp_path / "distill" / "final"), held_out, 512)
+                        - hand_mean_nll(original, held_out, 512))
+    assert summary["perplexity_ratio"] == pytest.approx(expected, rel=1e-4)
     record = json.loads((tmp_path / "distill" / "final" / "config.json").read_text())["dynorm"]
     assert record["norm"] == "dyisru" and record["distillation"]["mode"] == "lora"
     assert record["parameters"]["bound"] == "4.0 x token rms"

@@ -113,3 +113,18 @@ def reload_without_hf_dynorm(folder, inputs, expected, masked_lm: bool = False) 
         run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                              stdin=subprocess.DEVNULL)
     return "IDENTICAL True" in run.stdout, run.stderr[-2000:]
+
+
+def hand_mean_nll(model, ids, window: int) -> float:
+    """Mean NLL over disjoint windows of `window` tokens (the last one shorter where the text ends; each window's
+    first token unscored), written out from the definition in float64: log_softmax of the logits, the
+    log-probability of each next token. A second implementation for tests to compare hf_dynorm's evaluation with."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, ids.numel() - 1, window):
+            tokens = ids[start:start + window]
+            log_probs = torch.log_softmax(model(tokens[None]).logits[0].double(), dim=-1)
+            for position in range(tokens.numel() - 1):
+                total -= float(log_probs[position, tokens[position + 1]])
+                count += 1
+    return total / count
