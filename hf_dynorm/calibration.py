@@ -26,6 +26,9 @@ from .modeling_dynorm import dyisru, dyt
 ESTIMATORS = ("median", "mean", "geomean", "fit")
 DEFAULT_ESTIMATOR = "median"
 KAPPA_FROM = ("all", "bulk")
+# per channel, the largest |x| kept over positions >= 1: the 99.9th percentile is exact up to 64k such tokens
+CHANNEL_TOP = 64
+RANGE_QUANTILE = 0.999
 
 
 class Reservoir:
@@ -62,6 +65,8 @@ class SiteStatistics:
         self.channel_absmax = torch.zeros(site.channels)
         self.token_stats = Reservoir(tokens, generator)  # columns: mean square (centred for LayerNorm), position
         self.rows = Reservoir(rows, generator)
+        self.channel_top = torch.zeros(0, site.channels)  # the CHANNEL_TOP largest |x| per channel, positions >= 1
+        self.tail_count = 0  # tokens at positions >= 1
 
     def update(self, x: torch.Tensor) -> None:
         """`x`: the norm's input, (batch, sequence, ..., channels)."""
@@ -73,6 +78,10 @@ class SiteStatistics:
         self.channel_absmax = torch.maximum(self.channel_absmax, torch.maximum(rows.amax(0), rows.amin(0).neg_()))
         self.token_stats.add(torch.stack([_mean_square(rows, self.site.flavour), positions], dim=1))
         self.rows.add(rows)
+        tail = rows[positions >= 1].abs()
+        self.tail_count += tail.shape[0]
+        top = torch.cat([self.channel_top, tail])
+        self.channel_top = top.topk(min(CHANNEL_TOP, top.shape[0]), dim=0).values
 
 
 def _mean_square(rows: torch.Tensor, flavour: str) -> torch.Tensor:
@@ -96,6 +105,8 @@ class SiteCalibration:
     bias: torch.Tensor | None
     channel_absmax: torch.Tensor
     sink_ratio: float
+    channel_top: torch.Tensor  # (k, C): the k largest |x| of each channel over positions >= 1, descending
+    tail_count: int  # the tokens at positions >= 1 they are the largest of
 
     def anchors(self, k: int) -> list[int]:
         """The k channels with the largest |x| over all calibration tokens (massive activations live there)."""
@@ -156,6 +167,15 @@ class SiteCalibration:
         kappa = self.kappa(estimator, anchors if kappa_from == "bulk" else [])
         return kappa if norm == "dyisru" else 1.0 / math.sqrt(kappa)
 
+    def channel_ranges(self, c: float, quantile: float = RANGE_QUANTILE) -> torch.Tensor:
+        """a_i = min(c q_i, sqrt(C) s) per channel: where a range-bounded function of channel i saturates. q_i is the
+        `quantile` of |x_i| over positions >= 1 (the first position is the attention sink's, which a sink prefix or
+        the original norm handles), s the median token rms; sqrt(C) s is the paper's bound."""
+        rank = max(1, math.ceil((1 - quantile) * self.tail_count))  # the rank-th largest value, from the top
+        q = self.channel_top[min(rank, self.channel_top.shape[0]) - 1]
+        s = math.sqrt(self.median_mean_square)
+        return (c * q).clamp(min=1e-3 * s, max=math.sqrt(self.site.channels) * s)
+
     def sink_report(self) -> dict:
         ratio = (self.token_mean_squares / self.median_mean_square).sqrt()
         sinks = ratio > self.sink_ratio
@@ -170,12 +190,14 @@ class SiteCalibration:
 
 
 class CalibratedParameters(NamedTuple):
-    """What a conversion takes from a calibration: kappa or alpha per site, anchor channels per site, and the summary
-    for the config record. Small and picklable: a distributed run calibrates once and broadcasts this."""
+    """What a conversion takes from a calibration: kappa or alpha per site (one value, or one per channel), anchor
+    channels per site, the summary for the config record, and per-channel weight scales where a range bound sets
+    them. Small and picklable: a distributed run calibrates once and broadcasts this."""
 
-    values: dict[str, float]
+    values: dict[str, float | list[float]]
     anchors: dict[str, list[int]]
     summary: dict
+    weight_scales: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -190,26 +212,45 @@ class Calibration:
     autocast: str | None = None  # the pass's matmul dtype when it ran under torch.autocast
 
     def parameters(self, norm: str, estimator: str = DEFAULT_ESTIMATOR, anchors: int = 0,
-                   sites: list[NormSite] | None = None, kappa_from: str = "all") -> CalibratedParameters:
-        """kappa or alpha and the anchors of every site (`sites`, default all) for `norm`, and their summary."""
+                   sites: list[NormSite] | None = None, kappa_from: str = "all",
+                   range_bound: float | None = None) -> CalibratedParameters:
+        """kappa or alpha and the anchors of every site (`sites`, default all) for `norm`, and their summary.
+
+        `range_bound` c: each channel its own range instead (`SiteCalibration.channel_ranges`, a_i): kappa_i = a_i^2
+        (alpha_i = 1 / a_i) and weight gamma_i a_i / (sqrt(C) s), so the slope at 0 is RMSNorm's at the median token
+        and channel i saturates at a_i, about c times what ordinary tokens give it."""
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}: choose one of {ESTIMATORS}")
         names = [site.name for site in sites] if sites is not None else list(self.sites)
         missing = [name for name in names if name not in self.sites]
         if missing:
             raise ValueError(f"no calibration for sites {missing[:3]}...: calibrate the same model and sites.")
+        if range_bound is not None and anchors:
+            raise ValueError("a range bound gives every channel its own saturation: it has no anchors (anchors=0).")
         site_anchors = {name: self.sites[name].anchors(anchors) if norm == "dyisru" else [] for name in names}
-        values = {name: self.sites[name].parameter(norm, estimator, site_anchors[name], kappa_from)
-                  for name in names}
+        scales = None
+        if range_bound is None:
+            values = {name: self.sites[name].parameter(norm, estimator, site_anchors[name], kappa_from)
+                      for name in names}
+        else:
+            ranges = {name: self.sites[name].channel_ranges(range_bound) for name in names}
+            values = {name: (a.square() if norm == "dyisru" else a.reciprocal()).tolist() for name, a in ranges.items()}
+            scales = {name: (a / math.sqrt(self.sites[name].site.channels * self.sites[name].median_mean_square))
+                      .tolist() for name, a in ranges.items()}
         key = "kappa" if norm == "dyisru" else "alpha"
+
+        def shown(value):  # a per-channel value is summarised by its median
+            return float(torch.tensor(value).median()) if isinstance(value, list) else value
+
         summary = {
             "estimator": estimator, "data": self.data, "tokens": self.tokens, "windows": self.windows,
             "window": self.window, "autocast": self.autocast, "anchors_per_site": anchors if norm == "dyisru" else 0,
-            "kappa_from": kappa_from,
-            "sites": {name: {key: values[name], "s": math.sqrt(self.sites[name].median_mean_square),
+            "kappa_from": kappa_from, "range_bound": range_bound,
+            "sites": {name: {key if range_bound is None else f"median {key}": shown(values[name]),
+                             "s": math.sqrt(self.sites[name].median_mean_square),
                              "anchors": site_anchors[name], **self.sites[name].sink_report()} for name in names},
         }
-        return CalibratedParameters(values, site_anchors, summary)
+        return CalibratedParameters(values, site_anchors, summary, scales)
 
     def local_sensitivity(self, norm: str, estimator: str = DEFAULT_ESTIMATOR, anchors: int = 0) -> list[str]:
         """Site names, least sensitive first, by the replacement's relative error against the norm on the
@@ -277,11 +318,11 @@ def _finalise(model, stats: SiteStatistics, sink_ratio: float) -> SiteCalibratio
         site=site, tokens=stats.count, median_mean_square=median, token_mean_squares=token_ms,
         token_positions=positions, rows=ordinary, targets=targets.float().cpu(), gamma=site.gamma(module).cpu(),
         bias=None if bias is None else bias.detach().float().cpu(), channel_absmax=stats.channel_absmax,
-        sink_ratio=sink_ratio)
+        sink_ratio=sink_ratio, channel_top=stats.channel_top, tail_count=stats.tail_count)
 
 
 def calibrate_parameters(model, sites: list[NormSite], calibration, norm: str, *, anchors=None,
-                         estimator: str = DEFAULT_ESTIMATOR, kappa_from: str = "all",
+                         estimator: str = DEFAULT_ESTIMATOR, kappa_from: str = "all", range_bound: float | None = None,
                          **options) -> CalibratedParameters:
     """For `convert`: accept finished `CalibratedParameters`, a `Calibration`, or data to calibrate on."""
     if isinstance(calibration, CalibratedParameters):
@@ -290,10 +331,14 @@ def calibrate_parameters(model, sites: list[NormSite], calibration, norm: str, *
             raise ValueError(f"the calibrated parameters have no value for sites {missing[:3]}: calibrate the same "
                              "model and sites.")
         names = {site.name for site in sites}
-        return CalibratedParameters({n: v for n, v in calibration.values.items() if n in names},
-                                    {n: a for n, a in calibration.anchors.items() if n in names}, calibration.summary)
+
+        def chosen(values):
+            return None if values is None else {n: v for n, v in values.items() if n in names}
+
+        return CalibratedParameters(chosen(calibration.values), chosen(calibration.anchors), calibration.summary,
+                                    chosen(calibration.weight_scales))
     if anchors is not None and not isinstance(anchors, int):
         raise ValueError("with calibration, anchors is a count k (the k largest channels per site).")
     if not isinstance(calibration, Calibration):
         calibration = calibrate(model, calibration, sites=sites, **options)
-    return calibration.parameters(norm, estimator, anchors or 0, sites, kappa_from)
+    return calibration.parameters(norm, estimator, anchors or 0, sites, kappa_from, range_bound)

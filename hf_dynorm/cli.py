@@ -93,19 +93,41 @@ def cmd_info(args) -> None:
 
 def cmd_eval(args) -> None:
     from . import load_model
-    from .evaluation import compare, perplexity
+    from .data import token_stream
+    from .evaluation import agreement, compare, perplexity
     from .fileio import check_output_folder
     from .reports import write_eval_report
 
     check_output_folder(args.out, args.overwrite)
+    tasks = [task for task in (args.tasks or "").split(",") if task]
+    if tasks:
+        from .downstream import check_tasks
+
+        check_tasks(tasks)
     tokenizer = _tokenizer(args.tokenizer or args.model, "evaluation on text")
     model = load_model(args.model)
     options = dict(tokenizer=tokenizer, split=args.split, window=args.window, stride=args.stride,
                    batch_size=args.batch_size, max_tokens=args.max_tokens)
-    if args.reference:
-        results = compare(model, load_model(args.reference), args.data, **options)
+    reference = load_model(args.reference) if args.reference else None
+    if reference is not None:
+        ids = token_stream(args.data, tokenizer, args.split, args.max_tokens)
+        results = compare(model, reference, ids, **options)
+        results["agreement"] = agreement(model, reference, ids, window=args.window, prompts=args.prompts)
+        if getattr(tokenizer, "chat_template", None):  # a chat model: the shipped prompts, answered side by side
+            from .evaluation import chat_answers, chat_prompts
+
+            prompts = chat_prompts()
+            results["chat"] = [{"prompt": p, "model": m, "reference": r} for p, m, r in zip(
+                prompts, chat_answers(model, tokenizer, prompts), chat_answers(reference, tokenizer, prompts))]
     else:
         results = {"model": perplexity(model, args.data, **options).to_dict()}
+    if tasks:
+        from .downstream import run_tasks
+
+        scores = {"model": run_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size)}
+        if reference is not None:
+            scores["reference"] = run_tasks(reference, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size)
+        results["tasks"] = {task: {who: found[task] for who, found in scores.items()} for task in tasks}
     results.update(model_id=str(args.model), reference_id=args.reference, data=args.data, split=args.split)
     if Path(args.model).is_dir():
         from .hub import model_fingerprint
@@ -218,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int)
     evaluate.add_argument("--fidelity", action="store_true",
                           help="outlier fidelity per site (converted: against --reference; else DyT/DyISRU what-if)")
+    evaluate.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: lm-eval task names, task "
+                                          "YAML files, or wiki-cloze (shipped, offline); needs hf_dynorm[eval]")
+    evaluate.add_argument("--limit", type=float, help="lm-eval: at most this many examples per task (or a fraction)")
+    evaluate.add_argument("--prompts", type=int, default=8,
+                          help="greedy continuations compared with --reference's (agreement)")
     evaluate.add_argument("--out", default="outputs/eval")
     evaluate.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     evaluate.add_argument("--tokenizer", help="where the tokenizer is, if not in MODEL")

@@ -9,6 +9,7 @@ from pathlib import Path
 MODES = ("norms", "lora", "full")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 ESTIMATORS = ("median", "mean", "geomean", "fit")  # calibration.ESTIMATORS, without importing torch here
+HOMOGENISED = "homogenised"  # the output folder's subfolder holding the homogenisation stage's model
 # the keys that must be at least 1 (a 0 divides by zero or never runs)
 POSITIVE_INTEGERS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "eval_every",
                      "eval_windows", "eval_window", "save_every", "calibration_windows", "ramp_steps", "lora_r")
@@ -30,6 +31,15 @@ class DistillConfig:
     estimator: str = "median"
     calibration_windows: int = 16
     per_channel: bool = field(default=False, metadata={"help": "one kappa/alpha per channel instead of per site"})
+    range_bound: float | None = field(default=None, metadata={
+        "help": "pure start: each channel saturates at this multiple of its own 99.9th percentile |x| (anchors: 0)"})
+    sink_prefix: str | None = field(default=None, metadata={
+        "help": "a constant first token before every sequence (its keys/values kept from the model before the "
+                "swap): 'auto' (the tokenizer's BOS, else <|endoftext|>, else EOS) or a token's text"})
+    homogenise_steps: int = field(default=0, metadata={
+        "help": ">0: first fine-tune LoRA (norms in place) to even out token rms (homogenise.py), then convert"})
+    homogenise_weight: float = field(default=30.0, metadata={"help": "weight of the log-rms spread in that stage"})
+    homogenise_learning_rate: float = 2e-3
     # how to train
     mode: str = field(default="norms", metadata={"help": "norms | lora | full"})
     lora_r: int = 16
@@ -95,6 +105,12 @@ class DistillConfig:
                              "negative")
         if self.bound is not None and not self.bound > 0:
             raise ValueError(f"bound must be a positive number of token rms, got {self.bound}")
+        if self.range_bound is not None and (not self.range_bound > 0 or self.bound is not None or self.anchors):
+            raise ValueError("range_bound must be positive and comes without bound and anchors (anchors: 0): it "
+                             "bounds every channel itself")
+        if self.homogenise_steps < 0 or self.homogenise_weight < 0 or not self.homogenise_learning_rate > 0:
+            raise ValueError("homogenise_steps and homogenise_weight cannot be negative, homogenise_learning_rate "
+                             "must be positive")
         if self.anchor_fade_steps > self.max_steps:
             raise ValueError("anchor_fade_steps cannot exceed max_steps")
         if min(self.kl_weight, self.ce_weight, self.hidden_weight, self.local_weight) < 0:
@@ -124,7 +140,8 @@ class DistillConfig:
             raise ValueError("resume_from_checkpoint and overwrite contradict each other: resume continues the run "
                              "in output_dir, overwrite replaces it. Choose one.")
         if self.resume_from_checkpoint == "latest":
-            if latest_checkpoint(output / "checkpoints") is None:
+            stage_done = (output / HOMOGENISED / "homogenise.json").exists()  # a stage to continue from
+            if latest_checkpoint(output / "checkpoints") is None and not stage_done:
                 raise ValueError(f"resume_from_checkpoint latest: no checkpoint in {output / 'checkpoints'}; start "
                                  "without resume_from_checkpoint, or point it at a checkpoint folder.")
         elif self.resume_from_checkpoint:

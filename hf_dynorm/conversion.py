@@ -21,7 +21,15 @@ from . import __version__
 from .architectures import ARCHITECTURES, ROLES, NormSite, find_norm_sites
 from .calibration import calibrate
 from .fileio import atomic_directory
-from .modeling_dynorm import NORM_KINDS, DyISRU, DyT, dynorm_config_class, dynorm_model_class, install_norms
+from .modeling_dynorm import (
+    NORM_KINDS,
+    DyISRU,
+    DyT,
+    SinkPrefix,
+    dynorm_config_class,
+    dynorm_model_class,
+    install_norms,
+)
 from .registry import register_architecture
 
 # what `convert` passes on to `calibrate` (the model, its data and its sites are convert's own)
@@ -41,7 +49,10 @@ class ConversionOptions:
     norm: "dyisru" or "dyt". sites: roles or regular expressions over module names (None: all). kappa / alpha: one
     value, or one per role, instead of calibration. per_channel: one kappa/alpha per channel. anchors: channel
     indices, or with calibration a count k (the k largest channels per site). bound: saturate at `bound` x token rms
-    instead of the paper's sqrt(C). estimator, kappa_from: how calibration turns statistics into kappa/alpha.
+    instead of the paper's sqrt(C). range_bound c (with calibration): each channel saturates at c times its own
+    99.9th percentile of |x_i|, slope at 0 RMSNorm's (`Calibration.parameters`). sink_token: a token id whose keys
+    and values, computed now with the norms in place, precede every sequence (`SinkPrefix`). estimator,
+    kappa_from: how calibration turns statistics into kappa/alpha.
     calibration_options: passed on to `calibration.calibrate` (window, max_windows, tokenizer, ...).
     """
 
@@ -52,6 +63,8 @@ class ConversionOptions:
     per_channel: bool = False
     anchors: int | tuple[int, ...] | None = None
     bound: float | None = None
+    range_bound: float | None = None
+    sink_token: int | None = None
     estimator: str = "median"
     kappa_from: str = "all"
     calibration_options: dict = field(default_factory=dict)
@@ -70,6 +83,9 @@ class ConversionOptions:
         if self.bound is not None and not self.bound > 0:
             raise ConversionError(f"bound must be a positive number of token rms (got {self.bound}); leave it unset "
                                   "for the paper's sqrt(C).")
+        if self.range_bound is not None and (not self.range_bound > 0 or self.bound is not None or self.anchors):
+            raise ConversionError(f"range_bound must be a positive multiple of each channel's range (got "
+                                  f"{self.range_bound}), without bound or anchors: it bounds every channel itself.")
         if self.estimator not in ESTIMATORS or self.kappa_from not in KAPPA_FROM:
             raise ConversionError(f"estimator must be one of {ESTIMATORS} and kappa_from one of {KAPPA_FROM}; got "
                                   f"{self.estimator!r} and {self.kappa_from!r}.")
@@ -138,16 +154,26 @@ def bounded(kind: str, value: float, channels: int, bound: float | None) -> tupl
     return scale, value * scale ** 2 if kind == "dyisru" else value / scale
 
 
-def build_replacement(kind: str, site: NormSite, original: nn.Module, value: float, per_channel: bool,
-                      anchors: list[int], bound: float | None = None) -> nn.Module:
+def build_replacement(kind: str, site: NormSite, original: nn.Module, value: float | list[float], per_channel: bool,
+                      anchors: list[int], bound: float | None = None,
+                      weight_scale: list[float] | None = None) -> nn.Module:
+    """The element-wise module for one site: kappa or alpha `value` (one, or one per channel), gamma from the norm's
+    weight, times the bound's scale or a per-channel `weight_scale` (a range bound's)."""
     bias = getattr(original, "bias", None)
-    scale, value = bounded(kind, value, site.channels, bound)
+    per_channel = per_channel or isinstance(value, list)
+    scale, value = bounded(kind, value, site.channels, bound) if not isinstance(value, list) else (1.0, value)
+    first = value[0] if isinstance(value, list) else value
     if kind == "dyisru":
-        new = DyISRU(site.channels, kappa=value, per_channel=per_channel, bias=bias is not None, anchors=anchors,
+        new = DyISRU(site.channels, kappa=first, per_channel=per_channel, bias=bias is not None, anchors=anchors,
                      anchor_scale=scale ** 2)
     else:
-        new = DyT(site.channels, alpha=value, per_channel=per_channel, bias=bias is not None)
+        new = DyT(site.channels, alpha=first, per_channel=per_channel, bias=bias is not None)
     with torch.no_grad():
+        if isinstance(value, list):
+            parameter = torch.tensor(value, dtype=torch.float32)
+            (new.log_kappa.copy_(parameter.log()) if kind == "dyisru" else new.alpha.copy_(parameter))
+        if weight_scale is not None:
+            scale = torch.tensor(weight_scale, dtype=torch.float32)
         new.weight.copy_(site.gamma(original) * scale)
         if bias is not None:
             new.bias.copy_(bias.detach().float())
@@ -192,7 +218,7 @@ def convert(model: nn.Module, norm: str | ConversionOptions = "dyisru", *, calib
     if calibration is not None and explicit is not None:
         raise ConversionError("give either calibration data or an explicit kappa/alpha, not both.")
     defaults = ConversionOptions()
-    given = sorted(settings.calibration_options) + [name for name in ("estimator", "kappa_from")
+    given = sorted(settings.calibration_options) + [name for name in ("estimator", "kappa_from", "range_bound")
                                                     if getattr(settings, name) != getattr(defaults, name)]
     if calibration is None and given:
         raise ConversionError(f"{', '.join(given)}: calibration options, but no calibration data was given; pass "
@@ -212,9 +238,9 @@ def convert(model: nn.Module, norm: str | ConversionOptions = "dyisru", *, calib
     if calibration is not None:
         from .calibration import calibrate_parameters
 
-        values, site_anchors, summary = calibrate_parameters(
+        values, site_anchors, summary, scales = calibrate_parameters(
             model, chosen, calibration, norm, anchors=anchors, estimator=settings.estimator,
-            kappa_from=settings.kappa_from, **settings.calibration_options)
+            kappa_from=settings.kappa_from, range_bound=settings.range_bound, **settings.calibration_options)
         origin = f"calibration ({summary['estimator']})"
     else:
         if isinstance(anchors, int):
@@ -225,13 +251,22 @@ def convert(model: nn.Module, norm: str | ConversionOptions = "dyisru", *, calib
         site_anchors = {site.name: [c for c in fixed if c < site.channels] if site.role not in ("q_norm", "k_norm")
                         else [] for site in chosen}
         origin = "explicit" if explicit is not None else "default: unit rms (kappa = C, alpha = 1/sqrt(C))"
+        scales = None
+    range_bound = (summary or {}).get("range_bound")
+    bound_text = "sqrt(C) (the paper's)" if bound is None else f"{bound} x token rms"
+    if range_bound is not None:
+        bound_text = f"per channel: {range_bound} x the 99.9th percentile of |x_i| (at most sqrt(C) x token rms)"
 
     new_modules = {site.name: build_replacement(norm, site, originals[site.name], values[site.name], per_channel,
-                                                site_anchors[site.name], bound) for site in chosen}
+                                                site_anchors[site.name], bound, (scales or {}).get(site.name))
+                   for site in chosen}
 
+    sink = SinkPrefix.of(model, settings.sink_token) if settings.sink_token is not None else None
     base_type = model.config.model_type
     register_architecture(base_type)
     install_norms(model, new_modules)
+    if sink is not None:
+        sink.install(model)
     model.config.__class__ = dynorm_config_class(type(model.config))
     model.__class__ = dynorm_model_class(type(model))
     model.config.dynorm = {
@@ -243,18 +278,32 @@ def convert(model: nn.Module, norm: str | ConversionOptions = "dyisru", *, calib
         "parameters": {"gamma": "norm weight * sqrt(C)" + (" with (1 + w)" if chosen[0].flavour == "rms_offset"
                                                            else ""),
                        "kappa" if norm == "dyisru" else "alpha": origin,
-                       "bound": "sqrt(C) (the paper's)" if bound is None else f"{bound} x token rms"},
+                       "bound": bound_text},
         "sites": {site.name: {**new_modules[site.name].spec(), "role": site.role, "flavour": site.flavour,
                               "eps": site.eps, "depth": site.depth} for site in chosen},
         "calibration": summary,
     }
+    if sink is not None:
+        model.config.dynorm["sink"] = sink.spec()
+    model.config.dynorm["form"] = form_of(model.config.dynorm)
     return model
 
 
+def form_of(record: dict) -> str:
+    """What a converted model is, in words: anchored (how many channels), pure, or pure with a sink prefix."""
+    anchors = max((spec.get("anchors", 0) for spec in record["sites"].values()), default=0)
+    if anchors:
+        return f"anchored: {anchors} channels per site stay coupled (not strictly element-wise)"
+    if record.get("sink"):
+        return "pure element-wise, with a sink prefix (one constant first token's keys and values before every text)"
+    return "pure element-wise"
+
+
 def refresh_record(model: nn.Module) -> None:
-    """Bring each site's shape record up to date with its module (after anchors were added or dropped)."""
+    """Bring each site's shape record, and the form, up to date with the modules (after anchors were dropped)."""
     for name, spec in model.config.dynorm["sites"].items():
         spec.update(model.get_submodule(name).spec())
+    model.config.dynorm["form"] = form_of(model.config.dynorm)
 
 
 def save_converted(model: nn.Module, output_dir, tokenizer=None, *, overwrite: bool = False, **kwargs) -> None:

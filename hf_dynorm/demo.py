@@ -26,10 +26,26 @@ def greedy(model, tokenizer, prompt: str = PROMPT, tokens: int = 24) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+CLOZE_ITEMS = 200  # of wiki-cloze's ~2000: ~20 s a model here
+
+
+def wiki_cloze(student, teacher, tokenizer) -> dict | None:
+    """wiki-cloze's accuracy and target perplexity for both models, or None without lm-evaluation-harness."""
+    from .downstream import run_tasks
+
+    try:
+        return {name: run_tasks(model, tokenizer, ["wiki-cloze"], limit=CLOZE_ITEMS, batch_size=8)["wiki-cloze"]
+                for name, model in (("converted", student), ("original", teacher))}
+    except ImportError:
+        return None
+
+
 def run_demo(out, overrides: list[str] = ()) -> dict:
     from . import load_model, load_tokenizer
     from .config import parse_config
+    from .data import token_stream
     from .distill import train
+    from .evaluation import agreement
 
     out = Path(out)
     started = time.perf_counter()
@@ -44,17 +60,28 @@ def run_demo(out, overrides: list[str] = ()) -> dict:
     tokenizer = load_tokenizer(final)
     student, teacher = load_model(final), load_model(config.model)
     generations = {"original": greedy(teacher, tokenizer), "converted": greedy(student, tokenizer)}
+    held_out = token_stream(config.data, tokenizer, config.eval_split)[: config.eval_windows * config.eval_window]
+    agree = agreement(student, teacher, held_out, window=config.eval_window)
+    cloze = wiki_cloze(student, teacher, tokenizer)
     curve = [[h["step"], h["tokens"], h["eval_ratio"]] for h in results["history"] if "eval_ratio" in h]
     summary = {"model": config.model, "norm": config.norm, "final_folder": str(final),
                "perplexity_ratio": results["final_perplexity_ratio"], "anchored": results["anchored"],
                "teacher_perplexity": results["teacher_perplexity"], "tokens": results["tokens"],
-               "seconds": time.perf_counter() - started, "generations": generations, "curve": curve}
+               "seconds": time.perf_counter() - started, "generations": generations, "curve": curve,
+               "agreement": agree, "wiki_cloze": cloze}
     report = (f"# hf_dynorm main job: {config.model} -> {config.norm}\n\n"
               f"{results['tokens']} tokens of distillation in {summary['seconds']:.0f} s. Held-out perplexity: "
               f"original {results['teacher_perplexity']:.4g}, converted "
               f"{results['student']['perplexity']:.4g} (ratio **{results['final_perplexity_ratio']:.4g}**, "
               f"{'anchored' if results['anchored'] else 'pure element-wise'}).\n\n"
               + markdown_table(["step", "tokens", "held-out perplexity ratio"], curve)
+              + f"\nAgreement with the original on the same held-out tokens: top-1 next token "
+              f"**{agree['top1']:.3f}**, KL {agree['kl']:.4f} nats per token, greedy continuation tokens "
+              f"{agree['greedy']:.3f} ({agree['greedy_tokens']} tokens from 8 prompts).\n"
+              + (f"\nwiki-cloze (last word of {CLOZE_ITEMS} held-out sentences, lm-evaluation-harness): accuracy "
+                 f"**{cloze['converted']['acc']:.3f}** converted, {cloze['original']['acc']:.3f} original; target "
+                 f"perplexity {cloze['converted']['perplexity']:.4g} and {cloze['original']['perplexity']:.4g}.\n"
+                 if cloze else "\nwiki-cloze: not run (lm-evaluation-harness is not installed).\n")
               + "\n\n" + markdown_table(["model", f"greedy continuation of {PROMPT!r}"],
                                       [[k, v.replace("\n", " ")] for k, v in generations.items()])
               + f"\nConverted model, with its model card: `{final}`\n")

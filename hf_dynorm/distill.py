@@ -33,7 +33,8 @@ from torch import nn
 
 from .allocator import pin_malloc_thresholds
 from .architectures import find_norm_sites
-from .config import DistillConfig, latest_checkpoint, parse_config
+from .config import HOMOGENISED, DistillConfig, latest_checkpoint, parse_config
+from .homogenise import cosine_with_warmup
 from .losses import losses, relative_error
 from .modeling_dynorm import DyISRU
 
@@ -52,15 +53,28 @@ def calibrate_as_recipe(model: nn.Module, config: DistillConfig, train_ids: torc
     anchors = config.anchors if config.norm == "dyisru" else 0
     sensitivity = calibration.local_sensitivity(config.norm, config.estimator, anchors) \
         if config.schedule == "progressive" and config.order == "sensitivity" else None
-    return calibration.parameters(config.norm, config.estimator, anchors), sensitivity
+    parameters = calibration.parameters(config.norm, config.estimator, anchors, range_bound=config.range_bound)
+    return parameters, sensitivity
 
 
-def convert_as_recipe(model: nn.Module, config: DistillConfig, parameters) -> nn.Module:
+def convert_as_recipe(model: nn.Module, config: DistillConfig, parameters, tokenizer=None) -> nn.Module:
     """Convert `model` in place with calibrated `parameters` as the recipe says: the student's start (and the
-    converted models of benchmarks/run.py)."""
+    converted models of benchmarks/run.py). A sink prefix needs the `tokenizer` to name its token."""
     from .conversion import convert
 
-    return convert(model, config.norm, calibration=parameters, bound=config.bound, per_channel=config.per_channel)
+    sink = sink_token(tokenizer, config.sink_prefix) if config.sink_prefix else None
+    return convert(model, config.norm, calibration=parameters, bound=config.bound, per_channel=config.per_channel,
+                   sink_token=sink)
+
+
+def sink_token(tokenizer, prefix: str) -> int:
+    """The token id of a sink prefix: 'auto' is the tokenizer's BOS, else <|endoftext|>, else its EOS."""
+    if prefix == "auto":
+        vocabulary = tokenizer.get_vocab()
+        prefix = tokenizer.bos_token or ("<|endoftext|>" if "<|endoftext|>" in vocabulary else tokenizer.eos_token)
+    if prefix not in tokenizer.get_vocab():
+        raise ValueError(f"sink_prefix {prefix!r} is not one token of this tokenizer; give 'auto' or a token's text")
+    return int(tokenizer.convert_tokens_to_ids(prefix))
 
 
 class DistillationSite(nn.Module):
@@ -165,6 +179,7 @@ class Run:
     skeleton: nn.Module | None  # the main process's meta-device copy of the unprepared student (see finish)
     order: torch.Tensor  # the training windows in the order steps take them
     topology: dict  # world size, distributed type, mixed precision (and where it came from), sharding
+    homogenised: dict | None  # the homogenisation stage's record, where it ran
     teacher_nll: float = math.nan
     start_ratio: float = math.nan  # the converted student's, before training
     optimizer_steps: int = 0  # taken by this process (a skipped step is skipped by all)
@@ -223,12 +238,15 @@ def setup(config: DistillConfig) -> Run:
         raise ValueError(f"the {config.eval_split} split has {eval_ids.numel()} tokens, fewer than one eval_window "
                          f"of {config.eval_window}: lower --eval_window or give more held-out text.")
 
-    # -- the student: calibrated once, converted identically everywhere -------------------------------------------
-    student = load_model(config.model).to(accelerator.device)
+    # -- the student: (homogenised,) calibrated once, converted identically everywhere ------------------------------
+    homogenise_record = homogenised_start(config, accelerator, tokenizer, train_ids) if config.homogenise_steps \
+        else None
+    start = Path(config.output_dir) / HOMOGENISED if homogenise_record else config.model
+    student = load_model(start).to(accelerator.device)
     originals = {site.name: student.get_submodule(site.name) for site in find_norm_sites(student)}
     calibrated = calibrate_as_recipe(student, config, train_ids) if accelerator.is_main_process else None
     parameters, sensitivity = broadcast(calibrated, accelerator)
-    convert_as_recipe(student, config, parameters)
+    convert_as_recipe(student, config, parameters, tokenizer)
     sites = wrap_sites(student, originals)
     for site in sites.values():
         site.track_local = bool(config.local_weight)
@@ -244,12 +262,12 @@ def setup(config: DistillConfig) -> Run:
               ((trainable["norms"], config.learning_rate), (trainable["base"], config.base_learning_rate)) if names]
     optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(groups, weight_decay=0.0, eps=config.adam_epsilon))
     # stepped by hand once per optimizer step (accelerate's wrapper would step once per process)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: min(1.0, (step + 1) / max(
-        config.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer,
+                                                  cosine_with_warmup(config.warmup_steps, config.max_steps))
     accelerator.register_for_checkpointing(scheduler)
     topology["sharding"] = sharded_fraction(student)
-    teacher = place_frozen(load_model(config.teacher or config.model), accelerator) if config.mode == "full" \
-        else None
+    teacher = place_frozen(load_model(config.teacher or config.model), accelerator) \
+        if separate_teacher(config) else None
 
     starts = site_starts(config, list(sites), sensitivity)
     if schedule_length(config, len(sites)) > config.max_steps:
@@ -260,7 +278,7 @@ def setup(config: DistillConfig) -> Run:
     epochs = math.ceil(config.max_steps * per_step / len(train_ids)) + 1
     order = torch.cat([torch.randperm(len(train_ids), generator=generator) for _ in range(epochs)])
     run = Run(config, accelerator, tokenizer, train_ids, eval_ids, student, teacher, sites, starts, optimizer,
-              scheduler, skeleton, order, topology)
+              scheduler, skeleton, order, topology, homogenise_record)
     # the student first: FSDP fixes each unit's gradient dtype at its first forward from the parameters that require
     # gradients then, and the teacher's forward in lora mode runs with PEFT's adapters disabled (requires_grad off)
     apply_schedule(sites, {name: -10 ** 9 for name in sites}, 0, config)  # zero-shot: every site switched in
@@ -269,6 +287,41 @@ def setup(config: DistillConfig) -> Run:
     run.start_ratio = math.exp(min(700, start_nll - run.teacher_nll))
     say(f"start: held-out perplexity ratio {run.start_ratio:.4g} (teacher perplexity {math.exp(run.teacher_nll):.4g})")
     return run
+
+
+def separate_teacher(config: DistillConfig) -> bool:
+    """Whether the teacher is a frozen model of its own: in full mode, and wherever the student's own weights with
+    the norms switched back in are no longer the original (after homogenisation; with a sink prefix)."""
+    return config.mode == "full" or bool(config.homogenise_steps or config.sink_prefix or config.teacher)
+
+
+def homogenised_start(config: DistillConfig, accelerator, tokenizer, train_ids: torch.Tensor) -> dict:
+    """The homogenisation stage (homogenise.py), run once on the main process and saved to OUTPUT/homogenised, from
+    where every process loads its student; a resumed run finds it there. Returns its record."""
+    from . import load_model
+    from .fileio import atomic_directory
+    from .homogenise import homogenise
+
+    folder = Path(config.output_dir) / HOMOGENISED
+    if accelerator.is_main_process and not (folder / "homogenise.json").exists():
+        started = time.perf_counter()
+        model, history = homogenise(
+            load_model(config.model).to(accelerator.device), train_ids, steps=config.homogenise_steps,
+            weight=config.homogenise_weight, learning_rate=config.homogenise_learning_rate, lora_r=config.lora_r,
+            lora_alpha=config.lora_alpha, batch_size=config.batch_size, warmup=config.warmup_steps,
+            max_grad_norm=config.max_grad_norm, seed=config.seed, log=accelerator.print)
+        record = {"steps": config.homogenise_steps, "weight": config.homogenise_weight,
+                  "learning_rate": config.homogenise_learning_rate, "seconds": time.perf_counter() - started,
+                  "tokens": config.homogenise_steps * config.batch_size * config.seq_len, "history": history}
+        with atomic_directory(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "homogenise.json").write_text(json.dumps(record, indent=2))
+    accelerator.wait_for_everyone()
+    record = json.loads((folder / "homogenise.json").read_text())
+    return {key: value for key, value in record.items() if key != "history"} | {
+        "final_kl": record["history"][-1]["kl"], "final_spread": record["history"][-1]["spread"],
+        "first_spread": record["history"][0]["spread"]}
 
 
 def _trainable(student: nn.Module, sites: dict[str, DistillationSite], config: DistillConfig):
@@ -294,7 +347,7 @@ def _trainable(student: nn.Module, sites: dict[str, DistillationSite], config: D
 
 def _clear_earlier_run(output: Path) -> None:
     """--overwrite: remove what an earlier run wrote here (its final model and checkpoints), nothing else."""
-    for name in ("final", "checkpoints"):
+    for name in ("final", "checkpoints", HOMOGENISED):
         if (output / name).is_dir():
             shutil.rmtree(output / name)
 
@@ -388,6 +441,8 @@ def resume(run: Run) -> tuple[int, int]:
         return 0, 0
     path = latest_checkpoint(run.output / "checkpoints") if config.resume_from_checkpoint == "latest" else \
         Path(config.resume_from_checkpoint)
+    if path is None:  # only the homogenisation stage was done (config.DistillConfig._check_output)
+        return 0, 0
     run.accelerator.load_state(str(path))
     state = json.loads((path / "trainer_state.json").read_text())
     run.accelerator.print(f"resumed from {path} at step {state['step']}")
@@ -436,11 +491,12 @@ def finish(run: Run, step: int, skipped: int, history: list[dict], seconds: floa
     refresh_record(final)
     result = {"final_perplexity_ratio": ratio, "start_perplexity_ratio": run.start_ratio,
               "teacher_perplexity": math.exp(run.teacher_nll),
-              "student": final_eval.to_dict(), "anchored": anchored, "tokens": tokens, "train_seconds": seconds,
+              "student": final_eval.to_dict(), "anchored": anchored, "form": final.config.dynorm["form"],
+              "tokens": tokens, "train_seconds": seconds,
               "tokens_per_second": tokens / max(seconds, 1e-9),
               "tokens_per_second_per_process": tokens / max(seconds, 1e-9) / accelerator.num_processes,
               "skipped_steps": skipped, "optimizer_steps_by_process": optimizer_steps, **peaks,
-              **run.topology, "history": history,
+              **run.topology, "homogenised": run.homogenised, "history": history,
               "config": {k: v for k, v in asdict(config).items() if k != "sources"}}
     save_converted(final, run.output / "final", run.tokenizer, overwrite=True)
     result["model_fingerprint"] = model_fingerprint(run.output / "final")

@@ -149,3 +149,73 @@ def compare(model, reference, source="wiki-sample", *, tokenizer=None, split: st
     return {"model": converted.to_dict(), "reference": original.to_dict(),
             "perplexity_ratio": math.exp(converted.mean_nll - original.mean_nll)
             if converted.mean_nll - original.mean_nll < 700 else math.inf}
+
+
+@torch.no_grad()
+def agreement(model, reference, source, *, tokenizer=None, split: str = "test", window: int = 512,
+              max_tokens: int | None = None, prompts: int = 8, prompt_tokens: int = 32,
+              new_tokens: int = 32) -> dict:
+    """How often `model` does what `reference` does on the same held-out tokens (a model against its own copy: 1, 0, 1):
+
+    - `top1`: the share of scored positions whose most likely next token is the same;
+    - `kl`: the mean KL(reference || model) of the next-token distributions, in nats per token;
+    - `greedy`: the share of greedy continuation tokens equal to the reference's, position by position, over
+      `prompts` prompts of `prompt_tokens` tokens spread evenly through the text, `new_tokens` tokens each.
+    """
+    ids = source if isinstance(source, torch.Tensor) else token_stream(source, tokenizer, split, max_tokens)
+    ids = ids[:max_tokens] if max_tokens else ids
+    windows = strided_windows(ids.numel(), window)
+    _check_window(model, ids, window)
+    device = next(model.parameters()).device
+    same = positions = 0
+    divergence = 0.0
+    for w in windows:
+        inputs = ids[w.start:w.end][None].to(device)
+        scored = slice(w.scored_from - w.start - 1, -1)
+        ours = model(input_ids=inputs).logits[0, scored].float().log_softmax(-1)
+        theirs = reference(input_ids=inputs.to(next(reference.parameters()).device)).logits[0, scored].float()
+        theirs = theirs.log_softmax(-1).to(ours.device)
+        same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        positions += ours.shape[0]
+        divergence += float((theirs.exp() * (theirs - ours)).sum())
+    starts = torch.linspace(0, ids.numel() - prompt_tokens, prompts).long().tolist() if prompts else []
+    equal = generated = 0
+    for start in starts:
+        prompt = ids[start:start + prompt_tokens][None]
+        ours = _greedy(model, prompt, new_tokens)
+        theirs = _greedy(reference, prompt, new_tokens)
+        equal += int((ours == theirs).sum())
+        generated += new_tokens
+    return {"top1": same / positions, "kl": divergence / positions, "greedy": equal / generated if generated else None,
+            "positions": positions, "greedy_tokens": generated}
+
+
+def _greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`new_tokens` greedy tokens after `prompt` (no end-of-sequence stop: both models continue the same length)."""
+    device = next(model.parameters()).device
+    output = model.generate(prompt.to(device), attention_mask=torch.ones_like(prompt, device=device),
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            pad_token_id=0)
+    return output[0, prompt.shape[1]:].cpu()
+
+
+def chat_prompts() -> list[str]:
+    """The fixed prompts `hf-dynorm eval` asks a chat model (shipped: hf_dynorm/tasks/chat_prompts.json)."""
+    import importlib.resources
+    import json
+
+    return json.loads(importlib.resources.files("hf_dynorm.tasks").joinpath("chat_prompts.json").read_text())
+
+
+@torch.no_grad()
+def chat_answers(model, tokenizer, prompts: list[str], new_tokens: int = 48) -> list[str]:
+    """Each prompt as a user turn through the tokenizer's chat template, answered greedily."""
+    device = next(model.parameters()).device
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"].to(device)
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .assets import EMBEDDED_HUB_IDS
+from .downstream import task_label
 from .fileio import atomic_directory, check_output_folder
 from .modeling_dynorm import CODE_FILE
 
@@ -64,12 +65,14 @@ def _evaluation(results: dict | None) -> dict | None:
         student = results["student"]
         return {"perplexity": student["perplexity"], "reference_perplexity": results["teacher_perplexity"],
                 "ratio": results["final_perplexity_ratio"], "tokens": student["tokens"],
-                "data": results["config"]["data"], "worst_window_nll": student["window_nll_percentiles"]["p100"]}
+                "data": results["config"]["data"], "worst_window_nll": student["window_nll_percentiles"]["p100"],
+                "agreement": results.get("agreement"), "tasks": results.get("tasks")}
     model = results["model"]
     reference = results.get("reference") or {}
     return {"perplexity": model["perplexity"], "reference_perplexity": reference.get("perplexity"),
             "ratio": results.get("perplexity_ratio"), "tokens": model["tokens"], "data": results.get("data"),
-            "worst_window_nll": model["window_nll_percentiles"]["p100"]}
+            "worst_window_nll": model["window_nll_percentiles"]["p100"], "agreement": results.get("agreement"),
+            "tasks": {task_label(task): scores for task, scores in (results.get("tasks") or {}).items()} or None}
 
 
 def check_results(folder, results: dict | None) -> None:
@@ -105,9 +108,16 @@ def render_card(folder, results: dict | None = None, *, repo_id: str | None = No
             metrics.append(("perplexity", "Perplexity of the base model", evaluation["reference_perplexity"]))
         if evaluation["ratio"]:
             metrics.append(("perplexity_ratio", "Perplexity ratio to the base model", evaluation["ratio"]))
+        for kind, value in (evaluation.get("agreement") or {}).items():
+            if kind in ("top1", "kl", "greedy") and value is not None:
+                metrics.append((f"agreement_{kind}", f"Agreement with the base model ({kind})", value))
         eval_results = [EvalResult(task_type=task, dataset_type=str(evaluation["data"]),
                                    dataset_name=str(evaluation["data"]), metric_type=kind, metric_name=name,
                                    metric_value=float(value)) for kind, name, value in metrics]
+        for name, scores in (evaluation.get("tasks") or {}).items():
+            eval_results += [EvalResult(task_type=task, dataset_type=name, dataset_name=name, metric_type=metric,
+                                        metric_name=f"{name} {metric}", metric_value=float(value))
+                             for metric, value in scores["model"].items()]
     distillation = record.get("distillation")
     data_sources = {str(s) for s in ((record.get("calibration") or {}).get("data"), (distillation or {}).get("data"))
                     if s and "/" in str(s) and not Path(str(s)).exists()}
@@ -127,7 +137,7 @@ def render_card(folder, results: dict | None = None, *, repo_id: str | None = No
         site_count=len(sites), roles=", ".join(roles), gamma_origin=record["parameters"]["gamma"],
         parameter_name="kappa" if record["norm"] == "dyisru" else "alpha",
         parameter_origin=record["parameters"].get("kappa") or record["parameters"].get("alpha"),
-        bound=record["parameters"].get("bound"),
+        bound=record["parameters"].get("bound"), form=record.get("form"),
         calibration=record.get("calibration"), distillation=_distillation_summary(distillation),
         evaluation=evaluation, plots=list(plots))
 

@@ -531,6 +531,13 @@ class DyISRU(_ElementwiseNorm):
             cached = self._coupling = (anchors, weight, state, coupling)
         return cached[3]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a pure DyISRU's anchors are an empty tensor, which safetensors files (accelerate's checkpoints) may leave out
+        # (empty tensors share the null data pointer and are dropped as duplicates): empty it stays
+        if prefix + "anchors" not in state_dict and self._buffers["anchors"].numel() == 0:
+            state_dict[prefix + "anchors"] = self._buffers["anchors"]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def spec(self) -> dict:
         spec = {**super().spec(), "anchors": int(self.anchors.numel())}
         return {**spec, "anchor_scale": self.anchor_scale} if self.anchor_scale != 1.0 else spec
@@ -580,12 +587,96 @@ def install_norms(model: nn.Module, modules: dict[str, nn.Module]) -> None:
 
 def install_recorded_norms(model: nn.Module) -> None:
     """Rebuild the element-wise norms that the config's `dynorm` record lists (sites missing from a headless model,
-    such as an MLM head's norm, are skipped)."""
+    such as an MLM head's norm, are skipped), and its sink prefix if it has one."""
     sites = model.config.dynorm["sites"]
     prefix, names = getattr(model, "base_model_prefix", ""), {name for name, _ in model.named_modules()}
     resolved = {resolve_site(name, prefix, names): norm_from_spec(spec) for name, spec in sites.items()}
     resolved.pop(None, None)
     install_norms(model, resolved)
+    sink = model.config.dynorm.get("sink")
+    if sink:
+        SinkPrefix(sink["layers"], sink["heads"], sink["head_dim"], sink["token_id"]).install(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sink prefix: a constant first token in front of every sequence.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SinkPrefix(nn.Module):
+    """The keys and values each attention layer had for one fixed token at the first position (an attention sink),
+    stored as buffers and put in front of every sequence as a one-token cache. The text then runs at positions 1..,
+    attending to the sink as it would to a real first token, and no real token needs the first position's own
+    normalisation: the massive activations of the first position (Sun et al. 2024, arXiv 2402.17762) are computed
+    once, with the model's norms in place, and kept.
+
+    Installed on the base model as a forward pre-hook, it holds for every forward and for `generate` with its
+    cache: an empty cache (or none) is filled with the sink, position ids move one on, and a 2-D attention mask
+    gets a leading 1. Outputs (logits, hidden states) cover the text alone."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, token_id: int):
+        super().__init__()
+        self.token_id = int(token_id)
+        self.register_buffer("keys", torch.zeros(layers, heads, 1, head_dim))
+        self.register_buffer("values", torch.zeros(layers, heads, 1, head_dim))
+        self.enabled = True
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module, token_id: int) -> SinkPrefix:
+        """The sink of `model` as it is now (its norms in place): its cache after a forward of `token_id` alone."""
+        reference = next(model.parameters())
+        output = model(input_ids=torch.tensor([[token_id]], device=reference.device), use_cache=True)
+        cache = output.cache if "cache" in output else output.past_key_values  # transformers 5.2x names it cache
+        layers = getattr(cache, "layers", None)
+        keys = [layer.keys for layer in layers] if layers is not None else [cache[i][0] for i in range(len(cache))]
+        values = [layer.values for layer in layers] if layers is not None else [cache[i][1] for i in range(len(cache))]
+        sink = cls(len(keys), keys[0].shape[1], keys[0].shape[-1], token_id)
+        sink.keys.copy_(torch.stack([k[0] for k in keys]))
+        sink.values.copy_(torch.stack([v[0] for v in values]))
+        return sink.to(device=reference.device, dtype=reference.dtype)
+
+    def spec(self) -> dict:
+        return {"token_id": self.token_id, "layers": self.keys.shape[0], "heads": self.keys.shape[1],
+                "head_dim": self.keys.shape[-1]}
+
+    def install(self, model: nn.Module) -> None:
+        """Put the sink on `model`'s base model (every task head's forward runs through it)."""
+        import inspect
+
+        base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+        # the cache argument's name: `cache` in transformers 5.2x, `past_key_values` before
+        self.cache_argument = "cache" if "cache" in inspect.signature(type(base).forward).parameters else \
+            "past_key_values"
+        base.dynorm_sink = self
+        base.register_forward_pre_hook(self.before_forward, with_kwargs=True)
+
+    def before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not self.enabled:
+            return None
+        if args:  # input_ids given positionally
+            kwargs = {"input_ids": args[0], **kwargs}
+            if len(args) > 1:
+                raise TypeError("a model with a sink prefix takes its inputs after input_ids by keyword")
+        inputs = kwargs.get("input_ids")
+        batch = (inputs if inputs is not None else kwargs["inputs_embeds"]).shape[0]
+        cache = kwargs.get(self.cache_argument)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = kwargs[self.cache_argument] = DynamicCache(config=module.config)
+        if cache.get_seq_length() == 0:
+            for layer, (key, value) in enumerate(zip(self.keys, self.values)):
+                cache.update(key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1), layer)
+        for shifted in ("position_ids", "cache_position"):  # the caller counts without the sink
+            if kwargs.get(shifted) is not None:
+                kwargs[shifted] = kwargs[shifted] + 1
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("a model with a sink prefix takes a 2-D attention mask (batch, length)")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
+        return (), kwargs
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -53,6 +53,23 @@ def write_eval_report(results: dict, out) -> Path:
         rows)
     if "perplexity_ratio" in results:
         report += f"\nPerplexity ratio (model / reference): **{results['perplexity_ratio']:.4g}**\n"
+    if "tasks" in results:
+        rows = [[task, metric, scores["model"][metric], scores.get("reference", {}).get(metric, "")]
+                for task, scores in results["tasks"].items() for metric in scores["model"]]
+        report += "\n## Downstream tasks (lm-evaluation-harness)\n\n" + markdown_table(
+            ["task", "metric", results.get("model_id") or "model", results.get("reference_id") or "reference"], rows)
+    if "chat" in results:
+        def cell(text):
+            return text.replace("\n", " ").replace("|", "/")
+
+        report += "\n## Chat (greedy answers to the shipped prompts)\n\n" + markdown_table(
+            ["prompt", results.get("model_id") or "model", results.get("reference_id") or "reference"],
+            [[cell(c["prompt"]), cell(c["model"]), cell(c["reference"])] for c in results["chat"]])
+    if "agreement" in results:
+        agree = results["agreement"]
+        report += ("\n## Agreement with the reference\n\n" + markdown_table(
+            ["top-1 next token", "KL(reference || model), nats per token", "greedy continuation tokens"],
+            [[agree["top1"], agree["kl"], agree["greedy"]]]))
     worst = results["model"]["worst_windows"]
     if worst:
         report += "\n## Worst windows of the model\n\n" + markdown_table(

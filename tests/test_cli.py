@@ -92,3 +92,41 @@ def test_malloc_thresholds_are_pinned_on_glibc_unless_the_user_set_them(monkeypa
     assert pin_malloc_thresholds() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert pin_malloc_thresholds() is False
+
+
+def test_eval_runs_a_local_lm_eval_task_into_results_report_and_card(tiny, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed: pip install hf_dynorm[eval]")
+    import torch
+
+    model, text = tiny
+    out = tmp_path / "converted"
+    cli("convert", model, out, "--norm", "dyt")
+    # a cloze task on the tiny text: each item's target is one word, so lm-eval's accuracy (is the target the greedy
+    # continuation) can be counted by hand from the logits at the end of the context
+    lines = text.read_text().splitlines()[:12]
+    items = [{"context": " ".join(line.split()[:5]), "target": line.split()[5]} for line in lines]
+    data = tmp_path / "task" / "cloze.jsonl"
+    data.parent.mkdir()
+    data.write_text("\n".join(json.dumps(item) for item in items))
+    task = data.with_name("tiny_cloze.yaml")
+    task.write_text(f"task: tiny_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                    "output_type: loglikelihood\ntest_split: test\ndoc_to_text: '{{context}}'\n"
+                    "doc_to_target: \"{{' ' + target}}\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
+                    "    higher_is_better: true\n")
+    report = cli("eval", out, "--reference", model, "--data", text, "--window", "32", "--tasks", task,
+                 "--prompts", "2", "--out", tmp_path / "eval")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    tokenizer = hf_dynorm.load_tokenizer(model)
+    for who, folder in (("model", out), ("reference", model)):
+        scored = hf_dynorm.load_model(folder)
+        hits = 0
+        with torch.no_grad():
+            for item in items:
+                context = torch.tensor([tokenizer(item["context"])["input_ids"]])
+                target = tokenizer(item["target"], add_special_tokens=False)["input_ids"]
+                hits += int(scored(context).logits[0, -1].argmax()) == target[0]
+        assert results["tasks"][str(task)][who]["acc"] == pytest.approx(hits / len(items))
+    assert "Downstream tasks" in report and str(task) in report
+    cli("card", out, "--results", tmp_path / "eval" / "results.json")
+    card = (out / "README.md").read_text()
+    assert "name: tiny_cloze acc" in card and "name: Agreement with the base model (top1)" in card

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_dynorm.data import strided_windows
-from hf_dynorm.evaluation import compare, perplexity
+from hf_dynorm.evaluation import agreement, compare, perplexity
 from tiny import VOCAB, hand_mean_nll, tiny_model
 
 
@@ -81,3 +81,34 @@ def test_bad_evaluation_input():
         perplexity(model, ids(500), window=128, progress=False)
     with pytest.raises(ValueError, match="the text is empty"):
         perplexity(model, [""], tokenizer=lambda text, **k: {"input_ids": []}, window=32, progress=False)
+
+
+def test_agreement_of_a_copy_is_perfect_and_of_another_model_matches_a_hand_count():
+    model, tokens = tiny_model("llama", seed=1), ids(96)
+    copy = tiny_model("llama", seed=1)
+    same = agreement(model, copy, tokens, window=32, prompts=2, prompt_tokens=8, new_tokens=5)
+    assert (same["top1"], same["greedy"]) == (1.0, 1.0) and same["kl"] == pytest.approx(0.0, abs=1e-9)
+    other = tiny_model("llama", seed=2)
+    found = agreement(model, other, tokens, window=32, prompts=2, prompt_tokens=8, new_tokens=5)
+    # by hand: every window's scored positions, float64, and greedy decoding one argmax at a time
+    equal, kl, positions = 0, 0.0, 0
+    with torch.no_grad():
+        for start in range(0, 96, 32):
+            window = tokens[start:start + 32][None]
+            ours = model(window).logits[0, :-1].double().log_softmax(-1)
+            theirs = other(window).logits[0, :-1].double().log_softmax(-1)
+            equal += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+            kl += float((theirs.exp() * (theirs - ours)).sum())
+            positions += 31
+
+        def decode(m, prompt):
+            sequence = prompt.clone()
+            for _ in range(5):
+                sequence = torch.cat([sequence, m(sequence[None]).logits[0, -1].argmax().view(1)])
+            return sequence[len(prompt):]
+
+        prompts = [tokens[0:8], tokens[88:96]]
+        greedy = sum(int((decode(model, p) == decode(other, p)).sum()) for p in prompts) / 10
+    assert found["top1"] == pytest.approx(equal / positions) and found["top1"] < 1.0
+    assert found["kl"] == pytest.approx(kl / positions, rel=1e-4) and found["kl"] > 0
+    assert found["greedy"] == pytest.approx(greedy)
