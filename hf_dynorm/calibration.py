@@ -255,11 +255,12 @@ class Calibration:
     def local_sensitivity(self, norm: str, estimator: str = DEFAULT_ESTIMATOR, anchors: int = 0) -> list[str]:
         """Site names, least sensitive first, by the replacement's relative error against the norm on the
         calibration rows: a cheap stand-in for the per-site perplexity sweep of `hf-dynorm calibrate`."""
-        values, site_anchors, _ = self.parameters(norm, estimator, anchors)
+        parameters = self.parameters(norm, estimator, anchors)
 
         def relative(name):
             site = self.sites[name]
-            return site.error(norm, values[name], site_anchors[name]) / float(site.targets.pow(2).mean())
+            error = site.error(norm, parameters.values[name], parameters.anchors[name])
+            return error / float(site.targets.pow(2).mean())
 
         return sorted(self.sites, key=relative)
 

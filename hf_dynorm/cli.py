@@ -172,7 +172,7 @@ def cmd_paper_demo(args) -> None:
 
 def cmd_calibrate(args) -> None:
     from .fileio import check_output_folder
-    from .reports import zero_shot_report
+    from .sweep import zero_shot_report
 
     check_output_folder(args.out, args.overwrite)
     zero_shot_report(args.model, args.data, args.out, windows=args.windows, eval_windows=args.eval_windows,
@@ -230,14 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     evaluate = commands.add_parser("eval", help="strided perplexity, optionally beside a reference model")
-    evaluate.add_argument("model")
+    evaluate.add_argument("model", help="a converted (or any) model: Hub id, local folder or smollm2-135m")
     evaluate.add_argument("--reference", help="the original model, evaluated on the very same tokens")
-    evaluate.add_argument("--data", default=EMBEDDED_TEXT)
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--window", type=int, default=512)
-    evaluate.add_argument("--stride", type=int)
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--max-tokens", type=int)
+    evaluate.add_argument("--data", default=EMBEDDED_TEXT, help="held-out text: wiki-sample, news-sample, a local "
+                                                                "file or a Hub dataset (name or name:config)")
+    evaluate.add_argument("--split", default="test", help="the split scored (embedded texts: train, test or all)")
+    evaluate.add_argument("--window", type=int, default=512, help="tokens per scored window")
+    evaluate.add_argument("--stride", type=int, help="window stride (default: the window, no overlap)")
+    evaluate.add_argument("--batch-size", type=int, default=4, help="windows per forward (lm-eval: its batch size)")
+    evaluate.add_argument("--max-tokens", type=int, help="score at most this many tokens of the split")
     evaluate.add_argument("--fidelity", action="store_true",
                           help="outlier fidelity per site (converted: against --reference; else DyT/DyISRU what-if)")
     evaluate.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: lm-eval task names, task "
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=float, help="lm-eval: at most this many examples per task (or a fraction)")
     evaluate.add_argument("--prompts", type=int, default=8,
                           help="greedy continuations compared with --reference's (agreement)")
-    evaluate.add_argument("--out", default="outputs/eval")
+    evaluate.add_argument("--out", default="outputs/eval", help="results.json, report.md and plots go here")
     evaluate.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     evaluate.add_argument("--tokenizer", help="where the tokenizer is, if not in MODEL")
     evaluate.set_defaults(func=cmd_eval)

@@ -4,6 +4,7 @@ loads (a run that would fail after minutes of loading and calibration fails here
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+import json
 from pathlib import Path
 
 MODES = ("norms", "lora", "full")
@@ -35,7 +36,8 @@ class DistillConfig:
         "help": "pure start: each channel saturates at this multiple of its own 99.9th percentile |x| (anchors: 0)"})
     sink_prefix: str | None = field(default=None, metadata={
         "help": "a constant first token before every sequence (its keys/values kept from the model before the "
-                "swap): 'auto' (the tokenizer's BOS, else <|endoftext|>, else EOS) or a token's text"})
+                "swap): 'auto' (<|endoftext|> where the vocabulary has it, else the BOS, else the EOS) or a token's "
+                "text"})
     homogenise_steps: int = field(default=0, metadata={
         "help": ">0: first fine-tune LoRA (norms in place) to even out token rms (homogenise.py), then convert"})
     homogenise_weight: float = field(default=30.0, metadata={"help": "weight of the log-rms spread in that stage"})
@@ -139,6 +141,8 @@ class DistillConfig:
         if self.resume_from_checkpoint and self.overwrite:
             raise ValueError("resume_from_checkpoint and overwrite contradict each other: resume continues the run "
                              "in output_dir, overwrite replaces it. Choose one.")
+        if self.resume_from_checkpoint:
+            self._check_homogenised_stage(output / HOMOGENISED / "homogenise.json")
         if self.resume_from_checkpoint == "latest":
             stage_done = (output / HOMOGENISED / "homogenise.json").exists()  # a stage to continue from
             if latest_checkpoint(output / "checkpoints") is None and not stage_done:
@@ -152,6 +156,19 @@ class DistillConfig:
             raise ValueError(f"output_dir {output} already holds files (an earlier run?). Continue it with "
                              "--resume_from_checkpoint latest, replace its results with --overwrite true, or choose "
                              "another --output_dir.")
+
+    def _check_homogenised_stage(self, record_file: Path) -> None:
+        """A resumed run reuses OUTPUT/homogenised only if that stage ran with this recipe's settings."""
+        if not record_file.exists():
+            return
+        record = json.loads(record_file.read_text())
+        wanted = {"steps": self.homogenise_steps, "weight": self.homogenise_weight,
+                  "learning_rate": self.homogenise_learning_rate}
+        differ = [f"homogenise_{key}: {record.get(key)} there, {value} here" for key, value in wanted.items()
+                  if record.get(key) != value]
+        if differ:
+            raise ValueError(f"{record_file.parent} was homogenised with other settings ({'; '.join(differ)}); resume "
+                             "with the same settings, or start again with --overwrite true.")
 
     def _check_model(self, name: str) -> None:
         """The model is an architecture of the registry and its context holds the windows asked for."""

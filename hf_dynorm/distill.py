@@ -68,10 +68,12 @@ def convert_as_recipe(model: nn.Module, config: DistillConfig, parameters, token
 
 
 def sink_token(tokenizer, prefix: str) -> int:
-    """The token id of a sink prefix: 'auto' is the tokenizer's BOS, else <|endoftext|>, else its EOS."""
+    """The token id of a sink prefix: 'auto' is <|endoftext|> where the vocabulary has it, else the BOS, else the
+    EOS. On SmolLM2 (README, "Pure element-wise models"), <|endoftext|> started at 36.6x and reached 1.30x after 40
+    steps where its BOS, <|im_start|>, started at 79.5x and stood at 2.38x after 50."""
     if prefix == "auto":
         vocabulary = tokenizer.get_vocab()
-        prefix = tokenizer.bos_token or ("<|endoftext|>" if "<|endoftext|>" in vocabulary else tokenizer.eos_token)
+        prefix = "<|endoftext|>" if "<|endoftext|>" in vocabulary else (tokenizer.bos_token or tokenizer.eos_token)
     if prefix not in tokenizer.get_vocab():
         raise ValueError(f"sink_prefix {prefix!r} is not one token of this tokenizer; give 'auto' or a token's text")
     return int(tokenizer.convert_tokens_to_ids(prefix))

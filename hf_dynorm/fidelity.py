@@ -119,11 +119,11 @@ def what_if_candidates(model, calibration) -> dict[str, dict[str, nn.Module]]:
 
     candidates = defaultdict(dict)
     for label, norm, anchors in (("dyt", "dyt", 0), ("dyisru", "dyisru", 0), ("dyisru_anchored4", "dyisru", 4)):
-        values, site_anchors, _ = calibration.parameters(norm, anchors=anchors)
-        for name, value in values.items():
+        parameters = calibration.parameters(norm, anchors=anchors)
+        for name, value in parameters.values.items():
             site = calibration.sites[name].site
             original = model.get_submodule(name)
-            candidates[name][label] = build_replacement(norm, site, original, value, False, site_anchors[name])
+            candidates[name][label] = build_replacement(norm, site, original, value, False, parameters.anchors[name])
     return candidates
 
 

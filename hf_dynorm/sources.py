@@ -9,7 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .assets import EMBEDDED_MODEL, EMBEDDED_TEXT, TEST_FRACTION, check_wiki_sample, embedded_model_dir, wiki_articles
+from .assets import (
+    EMBEDDED_MODEL,
+    EMBEDDED_TEXT,
+    NEWS_TEXT,
+    TEST_FRACTION,
+    check_wiki_sample,
+    embedded_model_dir,
+    news_articles,
+    wiki_articles,
+)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
@@ -54,18 +63,18 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
 def check_text_source(source: str, splits: tuple[str, ...] = ()) -> None:
     """Fail early, before any model loads, on an embedded text whose package is missing or whose `splits` it does
     not have, or a local file that is not there; Hub datasets are left to `datasets`."""
-    if source == EMBEDDED_TEXT:
-        check_wiki_sample()
+    if source in (EMBEDDED_TEXT, NEWS_TEXT):
+        check_wiki_sample() if source == EMBEDDED_TEXT else news_articles()
         for split in splits:
-            _wiki_split(split)
+            _embedded_split(source, split)
     elif Path(source).suffix in (".txt", ".jsonl", ".json", ".csv", ".parquet") and not Path(source).exists():
         raise FileNotFoundError(f"data file {source} does not exist")
 
 
-def _wiki_split(split: str) -> tuple[str, str | None, str | None]:
+def _embedded_split(source: str, split: str) -> tuple[str, str | None, str | None]:
     name, start, stop = parse_split(split)
     if name not in ("train", "test", "all"):
-        raise ValueError(f"{EMBEDDED_TEXT} has the splits train, test and all (sliceable: train[:50]), not {name!r}")
+        raise ValueError(f"{source} has the splits train, test and all (sliceable: train[:50]), not {name!r}")
     return name, start, stop
 
 
@@ -92,13 +101,13 @@ def _sliced(items: list, start: str | None, stop: str | None) -> list:
 
 
 def load_texts(source: str | os.PathLike, split: str = "test") -> list[str]:
-    """Documents from `source`: ``wiki-sample`` (split train/test/all, sliced as datasets slices: ``train[:50]``),
-    a local .txt (one document), .jsonl, .json, .csv or .parquet (a ``text`` column), or a Hub dataset ``name`` or
-    ``name:config`` (its `split`)."""
+    """Documents from `source`: ``wiki-sample`` or ``news-sample`` (split train/test/all by whole articles, the last
+    10% the test split; sliced as datasets slices: ``train[:50]``), a local .txt (one document), .jsonl, .json, .csv
+    or .parquet (a ``text`` column), or a Hub dataset ``name`` or ``name:config`` (its `split`)."""
     source = str(source)
-    if source == EMBEDDED_TEXT:
-        name, start, stop = _wiki_split(split)
-        articles = wiki_articles()
+    if source in (EMBEDDED_TEXT, NEWS_TEXT):
+        name, start, stop = _embedded_split(source, split)
+        articles = wiki_articles() if source == EMBEDDED_TEXT else news_articles()
         cut = len(articles) - max(1, round(TEST_FRACTION * len(articles)))
         return _sliced({"train": articles[:cut], "test": articles[cut:], "all": articles}[name], start, stop)
     path = Path(source)

@@ -56,7 +56,7 @@ def test_convert_with_a_bound(tiny, tmp_path):
 
 def test_zero_shot_calibration_report(tiny, tmp_path, monkeypatch):
     model, text = tiny
-    from hf_dynorm import reports
+    from hf_dynorm import sweep as reports
 
     monkeypatch.setattr(reports, "ANCHOR_COUNTS", (0, 2))
     results = reports.zero_shot_report(model, text, tmp_path, windows=4, eval_windows=2, window=32)

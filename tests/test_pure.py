@@ -135,3 +135,6 @@ def test_the_pure_recipe_runs_its_stages_and_a_resumed_run_reuses_the_homogenise
                              timeout=600, stdin=subprocess.DEVNULL)
     assert resumed.returncode == 0 and "homogenise step" not in resumed.stdout, resumed.stderr[-3000:]
     assert (tmp_path / "out" / "homogenised" / "model.safetensors").stat().st_mtime_ns == stamp
+    changed = subprocess.run(args + ["--resume_from_checkpoint", "latest", "--homogenise_steps", "5"],
+                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert changed.returncode != 0 and "homogenise_steps: 3 there, 5 here" in changed.stderr, changed.stderr[-3000:]

@@ -68,3 +68,11 @@ def test_main_job_runs_the_shipped_recipe_end_to_end(smollm2, tmp_path):
     assert record["parameters"]["bound"] == "4.0 x token rms"
     assert all(site["anchors"] == 16 for site in record["sites"].values())
     assert (tmp_path / "report.md").exists() and summary["generations"]["converted"]
+
+
+def test_the_news_sample_is_another_domain_split_by_whole_articles(smollm2):
+    from hf_dynorm.sources import load_texts
+
+    every, train, test = (load_texts("news-sample", split) for split in ("all", "train", "test"))
+    assert len(every) == 300 and train + test == every and len(test) == 30
+    assert "bushfire" in every[0] and load_texts("news-sample", "all[:2]") == every[:2]
