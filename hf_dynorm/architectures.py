@@ -52,6 +52,9 @@ _SANDWICH = {  # Gemma 2/3: a norm before and after each sublayer
     _LAYER + "input_layernorm": ATTN_INPUT, _LAYER + "post_attention_layernorm": POST_ATTN,
     _LAYER + "pre_feedforward_layernorm": MLP_INPUT, _LAYER + "post_feedforward_layernorm": POST_MLP, "norm": FINAL,
 }
+_POST_NORM = {  # OLMo 2/3: each sublayer's output normalised before the residual add, no norm on its input
+    _LAYER + "post_attention_layernorm": POST_ATTN, _LAYER + "post_feedforward_layernorm": POST_MLP, "norm": FINAL,
+}
 _POST_LN_ENCODER = {
     r"embeddings\.LayerNorm": EMBEDDING, r"attention\.output\.LayerNorm": POST_ATTN,
     r"layer\.\d+\.output\.LayerNorm": POST_MLP,
@@ -66,6 +69,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": Architecture(RMS_OFFSET, "eps", _DECODER),
     "gemma2": Architecture(RMS_OFFSET, "eps", _SANDWICH),
     "gemma3_text": Architecture(RMS_OFFSET, "eps", {**_SANDWICH, **_QK}),
+    "olmo2": Architecture(RMS, "variance_epsilon", {**_POST_NORM, **_QK}),  # q/k norms over all heads at once
+    "olmo3": Architecture(RMS, "variance_epsilon", {**_POST_NORM, **_QK}),
     "gpt2": Architecture(LAYER, "eps", {r"h\.\d+\.ln_1": ATTN_INPUT, r"h\.\d+\.ln_2": MLP_INPUT, "ln_f": FINAL}),
     "gpt_neox": Architecture(LAYER, "eps", {_LAYER + "input_layernorm": ATTN_INPUT,
                                            _LAYER + "post_attention_layernorm": MLP_INPUT,

@@ -3,8 +3,8 @@ loads (a run that would fail after minutes of loading and calibration fails here
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 MODES = ("norms", "lora", "full")

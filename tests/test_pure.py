@@ -15,7 +15,7 @@ from hf_dynorm.homogenise import homogenise, log_rms_spread
 from hf_dynorm.modeling_dynorm import DyISRU, DyT, SinkPrefix
 from tiny import VOCAB, reload_without_hf_dynorm, save_tiny_checkpoint, tiny_inputs, tiny_model
 
-DECODERS = ("llama", "qwen3", "mistral", "gemma3_text")
+DECODERS = ("llama", "qwen3", "mistral", "gemma3_text", "olmo2", "olmo3")
 TINY_RECIPE = str(Path(__file__).parent.parent / "recipes" / "tiny" / "llama.yaml")
 
 

@@ -2,13 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import hf_dynorm
 from hf_dynorm.conversion import save_converted
-from hf_dynorm.data import token_stream
+from hf_dynorm.data import full_windows, token_stream
 from hf_dynorm.evaluation import perplexity
 from tiny import hand_mean_nll, reload_without_hf_dynorm
 
@@ -76,3 +77,33 @@ def test_the_news_sample_is_another_domain_split_by_whole_articles(smollm2):
     every, train, test = (load_texts("news-sample", split) for split in ("all", "train", "test"))
     assert len(every) == 300 and train + test == every and len(test) == 30
     assert "bushfire" in every[0] and load_texts("news-sample", "all[:2]") == every[:2]
+
+
+def test_pure_start_benchmark_profiles_each_start_and_agrees_with_the_embedding(smollm2, tmp_path):
+    """benchmarks/pure_start.py with the original standing in for the homogenised model: each start with its
+    copy gives the same ratio, and layer 0's profile is the embedding's rms, computed here independently."""
+    import importlib.util
+
+    model, tokenizer = smollm2
+    homogenised = tmp_path / "homogenised"
+    model.save_pretrained(homogenised)
+    tokenizer.save_pretrained(homogenised)
+    (homogenised / "homogenise.json").write_text("{}")
+    spec = importlib.util.spec_from_file_location("pure_start", Path(__file__).parents[1] / "benchmarks" /
+                                                  "pure_start.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    results = benchmark.main(["--homogenised", str(homogenised), "--windows", "1", "--calibration-windows", "2",
+                              "--out", str(tmp_path / "out")])
+
+    starts = results["starts"]
+    assert math.isclose(starts["pure"]["perplexity_ratio"], starts["homogenised"]["perplexity_ratio"], rel_tol=1e-4)
+    assert math.isclose(starts["pure + sink"]["perplexity_ratio"], starts["homogenised + sink"]["perplexity_ratio"],
+                        rel_tol=1e-4)
+    ids = full_windows(token_stream("wiki-sample", tokenizer, "test"), 512, 1)
+    embedded = model.get_input_embeddings().weight[ids[:, 1:]].detach().float()
+    layer0 = results["original"][0]
+    assert layer0["median_rms"] == pytest.approx(embedded.square().mean(-1).sqrt().median().item(), rel=1e-5)
+    assert layer0["massive_share"] == (embedded.abs().amax(-1) > 100).float().mean().item()
+    assert json.loads((tmp_path / "out" / "pure_start.json").read_text())["sink_token"] == "<|endoftext|>"
+    assert "| perplexity ratio | 1 |" in (tmp_path / "out" / "pure_start.md").read_text()

@@ -28,6 +28,8 @@ EXPECTED_ROLES = {
     "gemma2": {"attn_input": 2, "post_attn": 2, "mlp_input": 2, "post_mlp": 2, "final": 1},
     "gemma3_text": {"attn_input": 2, "post_attn": 2, "mlp_input": 2, "post_mlp": 2, "final": 1, "q_norm": 2,
                     "k_norm": 2},
+    "olmo2": {"post_attn": 2, "post_mlp": 2, "final": 1, "q_norm": 2, "k_norm": 2},
+    "olmo3": {"post_attn": 2, "post_mlp": 2, "final": 1, "q_norm": 2, "k_norm": 2},
     "bert": {"embedding": 1, "post_attn": 2, "post_mlp": 2, "final": 1},
     "roberta": {"embedding": 1, "post_attn": 2, "post_mlp": 2, "final": 1},
 }
