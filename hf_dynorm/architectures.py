@@ -95,7 +95,7 @@ class NormSite:
     depth: int | None  # the layer index, None outside the layer stack
 
     def gamma(self, module: nn.Module):
-        """gamma = w * sqrt(C) (RMSNorm and LayerNorm), (1 + w) * sqrt(C) for Gemma (REFERENCE section 1)."""
+        """gamma = w * sqrt(C) (RMSNorm and LayerNorm), (1 + w) * sqrt(C) for Gemma (arXiv 2503.21708)."""
         import torch
 
         weight = getattr(module, "weight", None)

@@ -1,9 +1,10 @@
-"""Closed-form DyT/DyISRU parameters from what actually flows into each norm (REFERENCE section 1).
+"""Closed-form DyT/DyISRU parameters from what actually flows into each norm (arXiv 2503.21708; README, "The math
+in a few lines").
 
 For a norm over C channels whose input has per-token mean square s^2, DyISRU's kappa ~ C s^2 and DyT's
-alpha ~ 1 / (sqrt(C) s) = 1 / sqrt(kappa). Massive activations (attention sinks, REFERENCE section 4) break the
-single-kappa picture: their tokens are detected and kept out of the estimate, and anchored DyISRU keeps the few
-channels carrying them coupled, with kappa estimated from the remaining channels.
+alpha ~ 1 / (sqrt(C) s) = 1 / sqrt(kappa). Massive activations (attention sinks; Sun et al. 2024, arXiv
+2402.17762) break the single-kappa picture: their tokens are detected and kept out of the estimate, and anchored
+DyISRU keeps the few channels carrying them coupled, with kappa estimated from the remaining channels.
 
 One pass of the original model with forward pre-hooks feeds bounded streaming statistics per site: the exact
 per-channel max |x| (it picks the anchors), and uniform reservoirs of per-token mean squares (with positions) and

@@ -1,7 +1,7 @@
 """Perplexity the standard way (HF's strided sliding windows), with the distribution a mean hides.
 
-A converted model can look fine on average and blow up on a few inputs (REFERENCE section 4), so every result
-carries per-window and per-token NLL percentiles and the worst windows with their text.
+A converted model can look fine on average and blow up on a few inputs (README, "Why runs blow up, measured"), so
+every result carries per-window and per-token NLL percentiles and the worst windows with their text.
 """
 
 from __future__ import annotations

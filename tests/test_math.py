@@ -1,4 +1,4 @@
-"""Exact algebra of DyT and DyISRU (REFERENCE section 1), and their numerics."""
+"""Exact algebra of DyT and DyISRU (arXiv 2503.21708; README, "The math in a few lines"), and their numerics."""
 
 import math
 
