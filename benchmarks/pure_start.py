@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from hf_dynorm import convert, load_model, load_tokenizer  # noqa: E402
 from hf_dynorm.calibration import calibrate  # noqa: E402
 from hf_dynorm.data import full_windows, token_stream  # noqa: E402
 from hf_dynorm.distill import sink_token  # noqa: E402
-from hf_dynorm.evaluation import perplexity  # noqa: E402
+from hf_dynorm.evaluation import exp_nll, perplexity  # noqa: E402
 from hf_dynorm.reports import markdown_table  # noqa: E402
 
 LAYERS_SHOWN = (2, 4, 5, 6, 8, 12, 16, 20, 24, 28)
@@ -86,7 +85,7 @@ def main(argv=None) -> dict:
         student = convert(copy.deepcopy(base), "dyisru", calibration=calibrations[id(base)],
                           range_bound=args.range_bound, sink_token=token)
         nll = perplexity(student, windows.flatten(), window=512, progress=False).mean_nll
-        ratio = math.exp(nll - reference_nll) if nll - reference_nll < 700 else math.inf
+        ratio = exp_nll(nll - reference_nll)
         results["starts"][name] = {"perplexity_ratio": ratio, "layers": residual_profile(student, windows)}
         print(f"{name:20} perplexity ratio {ratio:.4g}", flush=True)
 

@@ -38,6 +38,11 @@ class PerplexityResult:
         return asdict(self)
 
 
+def exp_nll(nll: float) -> float:
+    """exp of a mean NLL (or of a difference of two: a perplexity ratio), inf where it would overflow a float."""
+    return math.exp(nll) if nll < 700 else math.inf
+
+
 def _percentiles(values: torch.Tensor) -> dict[str, float]:
     quantiles = torch.quantile(values.double(), torch.tensor([p / 100 for p in PERCENTILES], dtype=torch.float64))
     return {f"p{p:g}": float(q) for p, q in zip(PERCENTILES, quantiles)}
@@ -98,7 +103,7 @@ def summarise(nll: list[torch.Tensor], windows: list[Window], ids: torch.Tensor,
                       "text": tokenizer.decode(ids[windows[i].start:windows[i].end]) if tokenizer else None}
                      for i in order]
     return PerplexityResult(
-        perplexity=math.exp(mean) if mean < 700 else math.inf, mean_nll=mean, tokens=flat.numel(),
+        perplexity=exp_nll(mean), mean_nll=mean, tokens=flat.numel(),
         windows=len(windows), window=window, stride=stride or window, seconds=seconds,
         tokens_per_second=sum(w.end - w.start for w in windows) / max(seconds, 1e-9),
         window_nll=window_means.tolist(), token_nll_percentiles=_percentiles(flat),
@@ -147,8 +152,7 @@ def compare(model, reference, source="wiki-sample", *, tokenizer=None, split: st
     converted = perplexity(model, ids, tokenizer=tokenizer, **options)
     original = perplexity(reference, ids, tokenizer=tokenizer, **options)
     return {"model": converted.to_dict(), "reference": original.to_dict(),
-            "perplexity_ratio": math.exp(converted.mean_nll - original.mean_nll)
-            if converted.mean_nll - original.mean_nll < 700 else math.inf}
+            "perplexity_ratio": exp_nll(converted.mean_nll - original.mean_nll)}
 
 
 @torch.no_grad()

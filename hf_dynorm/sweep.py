@@ -4,13 +4,12 @@ site without training, then each site alone and sites swapped cumulatively."""
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 from .calibration import ESTIMATORS, calibrate
 from .conversion import convert
 from .data import token_stream
-from .evaluation import perplexity
+from .evaluation import exp_nll, perplexity
 from .reports import markdown_table, write_results
 
 # DyT paper baselines (arXiv 2503.10622): its default alpha, and its LLaMA-7B per-role values (other roles: 0.2).
@@ -25,7 +24,7 @@ def _swap_ratio(model, original_nll: float, ids, window: int, **convert_options)
     """Perplexity ratio of a converted copy of `model` against the original on the same tokens."""
     candidate = convert(copy.deepcopy(model), **convert_options)
     nll = perplexity(candidate, ids, window=window, progress=False).mean_nll
-    return math.exp(nll - original_nll) if nll - original_nll < 700 else math.inf
+    return exp_nll(nll - original_nll)
 
 
 def zero_shot_report(model_id, data, out, *, windows: int = 64, eval_windows: int = 4, window: int = 512,
