@@ -36,7 +36,7 @@ from .architectures import find_norm_sites
 from .config import HOMOGENISED, DistillConfig, latest_checkpoint, parse_config
 from .homogenise import cosine_with_warmup
 from .losses import losses, relative_error
-from .modeling_dynorm import DyISRU
+from .modeling_dynorm import DyISRU, DyT
 
 # ---------------------------------------------------------------------------------------------------------------
 # The student's sites
@@ -260,8 +260,10 @@ def setup(config: DistillConfig) -> Run:
     student = accelerator.prepare(student)
     # the optimizer is made from the prepared (under FSDP: sharded) parameters, found by name
     named = dict(accelerator.unwrap_model(student).named_parameters())
+    alpha_lr = config.learning_rate if config.alpha_learning_rate is None else config.alpha_learning_rate
     groups = [{"params": [named[name] for name in names], "lr": lr} for names, lr in
-              ((trainable["norms"], config.learning_rate), (trainable["base"], config.base_learning_rate)) if names]
+              ((trainable["norms"], config.learning_rate), (trainable["alphas"], alpha_lr),
+               (trainable["base"], config.base_learning_rate)) if names]
     optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(groups, weight_decay=0.0, eps=config.adam_epsilon))
     # stepped by hand once per optimizer step (accelerate's wrapper would step once per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer,
@@ -327,23 +329,27 @@ def homogenised_start(config: DistillConfig, accelerator, tokenizer, train_ids: 
 
 
 def _trainable(student: nn.Module, sites: dict[str, DistillationSite], config: DistillConfig):
-    """(the student, LoRA-wrapped in lora mode; the names of the parameters to train: {"norms": the replacements',
-    "base": LoRA adapters in lora mode, every other weight in full mode}). Everything else is frozen."""
+    """(the student, LoRA-wrapped in lora mode; the names of the parameters to train: {"alphas": DyT's alpha,
+    "norms": the replacements' other parameters, "base": LoRA adapters in lora mode, every other weight in full
+    mode}). Everything else is frozen."""
     norm_ids = {id(p) for site in sites.values() for p in site.replacement.parameters()}
+    alpha_ids = {id(site.replacement.alpha) for site in sites.values() if isinstance(site.replacement, DyT)}
     if config.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         student = get_peft_model(student, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                      target_modules="all-linear", lora_dropout=0.0))
-    trainable = {"norms": [], "base": []}
+    trainable = {"alphas": [], "norms": [], "base": []}
     for name, p in student.named_parameters():
-        if id(p) in norm_ids:
+        if id(p) in alpha_ids:
+            trainable["alphas"].append(name)
+        elif id(p) in norm_ids:
             trainable["norms"].append(name)
         elif config.mode == "full" and p.requires_grad or config.mode == "lora" and "lora_" in name:
             trainable["base"].append(name)
     student.requires_grad_(False)
     for name, p in student.named_parameters():
-        p.requires_grad_(name in trainable["norms"] or name in trainable["base"])
+        p.requires_grad_(any(name in names for names in trainable.values()))
     return student, trainable
 
 

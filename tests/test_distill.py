@@ -156,6 +156,22 @@ def test_bounded_per_channel_pure_start_is_kept_in_the_saved_model(checkpoint, t
     assert json.loads((tmp_path / "final" / "results.json").read_text())["anchored"] is False
 
 
+def test_dyt_alpha_trains_at_its_own_learning_rate(checkpoint, tmp_path):
+    # alpha_learning_rate 0 freezes DyT's alpha alone: the run ends with the alphas of a run that trains nothing
+    common = ["--norm", "dyt", "--anchors", "0", "--schedule", "all", "--ramp_steps", "1", "--max_steps", "3",
+              "--warmup_steps", "0", "--eval_every", "100", "--save_every", "100"]
+    frozen = run_distill(distill_args(checkpoint, tmp_path / "frozen", *common, "--learning_rate", "0"))
+    alpha_only = run_distill(distill_args(checkpoint, tmp_path / "alpha", *common, "--learning_rate", "1e-2",
+                                          "--alpha_learning_rate", "0"))
+    assert frozen.returncode == 0 and alpha_only.returncode == 0, (frozen.stderr + alpha_only.stderr)[-3000:]
+    a, b = final_weights(tmp_path / "frozen"), final_weights(tmp_path / "alpha")
+    alphas = [key for key in a if key.endswith(".alpha")]
+    weights = [key for key in alphas if key.replace(".alpha", ".weight") in a]
+    assert alphas and all(torch.equal(a[key], b[key]) for key in alphas)
+    assert all(not torch.equal(a[key.replace(".alpha", ".weight")], b[key.replace(".alpha", ".weight")])
+               for key in weights)
+
+
 def final_weights(folder):
     return load_file(str(Path(folder) / "final" / "model.safetensors"))
 
@@ -196,6 +212,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkp
     (["--mode", "adapters"], "mode must be one of"),
     (["--data", "/nonexistent/corpus.txt"], "does not exist"),
     (["--bound", "-1"], "bound must be a positive number"),
+    (["--alpha_learning_rate", "1e-4"], "alpha_learning_rate is DyT's"),
 ])
 def test_bad_config_fails_before_loading_a_model(checkpoint, tmp_path, override, message):
     run = run_distill(distill_args(checkpoint, tmp_path, *override))
