@@ -54,8 +54,9 @@ def write_eval_report(results: dict, out) -> Path:
     if "agreement" in results:
         agree = results["agreement"]
         report += ("\n## Agreement with the reference\n\n" + markdown_table(
-            ["top-1 next token", "KL(reference || model), nats per token", "greedy continuation tokens"],
-            [[agree["top1"], agree["kl"], agree["greedy"]]]))
+            ["top-1 next token", "KL(reference || model), nats per token", "the worst window's KL",
+             "greedy continuation tokens"],
+            [[agree["top1"], agree["kl"], agree["worst_window_kl"], agree["greedy"]]]))
     worst = results["model"]["worst_windows"]
     if worst:
         report += "\n## Worst windows of the model\n\n" + markdown_table(

@@ -88,17 +88,19 @@ def test_agreement_of_a_copy_is_perfect_and_of_another_model_matches_a_hand_coun
     copy = tiny_model("llama", seed=1)
     same = agreement(model, copy, tokens, window=32, prompts=2, prompt_tokens=8, new_tokens=5)
     assert (same["top1"], same["greedy"]) == (1.0, 1.0) and same["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert same["worst_window_kl"] == pytest.approx(0.0, abs=1e-9)
     other = tiny_model("llama", seed=2)
     found = agreement(model, other, tokens, window=32, prompts=2, prompt_tokens=8, new_tokens=5)
     # by hand: every window's scored positions, float64, and greedy decoding one argmax at a time
-    equal, kl, positions = 0, 0.0, 0
+    equal, kl, positions, window_kls = 0, 0.0, 0, []
     with torch.no_grad():
         for start in range(0, 96, 32):
             window = tokens[start:start + 32][None]
             ours = model(window).logits[0, :-1].double().log_softmax(-1)
             theirs = other(window).logits[0, :-1].double().log_softmax(-1)
             equal += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-            kl += float((theirs.exp() * (theirs - ours)).sum())
+            window_kls.append(float((theirs.exp() * (theirs - ours)).sum(-1).mean()))
+            kl += window_kls[-1] * 31
             positions += 31
 
         def decode(m, prompt):
@@ -111,4 +113,6 @@ def test_agreement_of_a_copy_is_perfect_and_of_another_model_matches_a_hand_coun
         greedy = sum(int((decode(model, p) == decode(other, p)).sum()) for p in prompts) / 10
     assert found["top1"] == pytest.approx(equal / positions) and found["top1"] < 1.0
     assert found["kl"] == pytest.approx(kl / positions, rel=1e-4) and found["kl"] > 0
+    assert found["worst_window_kl"] == pytest.approx(max(window_kls), rel=1e-4)
+    assert found["worst_window_kl"] > found["kl"]
     assert found["greedy"] == pytest.approx(greedy)
