@@ -34,7 +34,7 @@ class DistillConfig:
     per_channel: bool = field(default=False, metadata={"help": "one kappa/alpha per channel instead of per site"})
     range_bound: float | None = field(default=None, metadata={
         "help": "pure start: each channel saturates at this multiple of its own 99.9th percentile |x| (anchors: 0; "
-                "the recipes: 1.5 for DyISRU, 1.25 for DyT, whose tanh bends later)"})
+                "DyT, whose tanh bends later, wants a smaller one than DyISRU: README)"})
     sink_prefix: str | None = field(default=None, metadata={
         "help": "a constant first token before every sequence (its keys/values kept from the model before the "
                 "swap): 'auto' (<|endoftext|> where the vocabulary has it, else the BOS, else the EOS) or a token's "
