@@ -57,6 +57,7 @@ def run_demo(out, overrides: list[str] = ()) -> dict:
                                *overrides])
     print(f"[main job] distilling {config.model} -> {config.norm} for {config.max_steps} steps; results go to {out}")
     results = train(config)
+    distilled = time.perf_counter()
     if results is None:
         raise RuntimeError("distillation stopped on non-finite losses; see the messages above.")
     final = out / "distill" / "final"
@@ -67,13 +68,20 @@ def run_demo(out, overrides: list[str] = ()) -> dict:
     agree = agreement(student, teacher, held_out, window=config.eval_window)
     cloze = wiki_cloze(student, teacher, tokenizer)
     curve = [[h["step"], h["tokens"], h["eval_ratio"]] for h in results["history"] if "eval_ratio" in h]
+    # where the main job's time goes: the training loop, what runs around it (calibration, scoring the start, the
+    # merge and save), and the checks after it (reload, generations, agreement, wiki-cloze)
+    phases = {"training_loop": results["train_seconds"],
+              "around_the_loop": distilled - started - results["train_seconds"],
+              "checks": time.perf_counter() - distilled}
     summary = {"model": config.model, "norm": config.norm, "final_folder": str(final),
                "perplexity_ratio": results["final_perplexity_ratio"], "anchored": results["anchored"],
                "teacher_perplexity": results["teacher_perplexity"], "tokens": results["tokens"],
-               "seconds": time.perf_counter() - started, "generations": generations, "curve": curve,
+               "seconds": sum(phases.values()), "phases_seconds": phases, "generations": generations, "curve": curve,
                "agreement": agree, "wiki_cloze": cloze}
     report = (f"# hf_dynorm main job: {config.model} -> {config.norm}\n\n"
-              f"{results['tokens']} tokens of distillation in {summary['seconds']:.0f} s. Held-out perplexity: "
+              f"{results['tokens']} tokens of distillation; {summary['seconds']:.0f} s in all: training loop "
+              f"{phases['training_loop']:.0f} s, around it {phases['around_the_loop']:.0f} s, checks "
+              f"{phases['checks']:.0f} s. Held-out perplexity: "
               f"original {results['teacher_perplexity']:.4g}, converted "
               f"{results['student']['perplexity']:.4g} (ratio **{results['final_perplexity_ratio']:.4g}**, "
               f"{'anchored' if results['anchored'] else 'pure element-wise'}).\n\n"

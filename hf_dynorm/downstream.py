@@ -8,6 +8,7 @@ trust_remote_code nor a second load.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from pathlib import Path
 
@@ -48,18 +49,25 @@ def check_tasks(tasks: list[str]) -> None:
         _resolve(task)
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_paths: tuple[str, ...]):
+    """lm-eval's index of every task it knows (~12 s to build here), built once per process: the main job and
+    `hf-dynorm eval --reference` score two models."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_paths) or None)
+
+
 def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int = 1) -> dict:
     """{task: {metric: value}} for `model` (already loaded), metric names as lm-eval names them without their
     filter suffix (``acc``, ``acc_stderr``, ``perplexity``)."""
     check_tasks(tasks)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     names, folders = zip(*(_resolve(task) for task in tasks))
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    manager = TaskManager(include_path=sorted({folder for folder in folders if folder}) or None)
+    manager = _task_manager(tuple(sorted({folder for folder in folders if folder})))
     output = simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=False,
                              bootstrap_iters=0, verbosity="ERROR")
     results = {}

@@ -187,25 +187,24 @@ def agreement(model, reference, source, *, tokenizer=None, split: str = "test", 
         window_kl = float((theirs.exp() * (theirs - ours)).sum())
         divergence += window_kl
         worst = max(worst, window_kl / ours.shape[0])
-    starts = torch.linspace(0, ids.numel() - prompt_tokens, prompts).long().tolist() if prompts else []
     equal = generated = 0
-    for start in starts:
-        prompt = ids[start:start + prompt_tokens][None]
-        ours = _greedy(model, prompt, new_tokens)
-        theirs = _greedy(reference, prompt, new_tokens)
-        equal += int((ours == theirs).sum())
-        generated += new_tokens
+    if prompts:  # one batch: the prompts are the same length, so nothing is padded
+        starts = torch.linspace(0, ids.numel() - prompt_tokens, prompts).long().tolist()
+        batch = torch.stack([ids[start:start + prompt_tokens] for start in starts])
+        ours, theirs = _greedy(model, batch, new_tokens), _greedy(reference, batch, new_tokens)
+        equal, generated = int((ours == theirs).sum()), ours.numel()
     return {"top1": same / positions, "kl": divergence / positions, "worst_window_kl": worst,
             "greedy": equal / generated if generated else None, "positions": positions, "greedy_tokens": generated}
 
 
-def _greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """`new_tokens` greedy tokens after `prompt` (no end-of-sequence stop: both models continue the same length)."""
+def _greedy(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`new_tokens` greedy tokens after each of the equally long `prompts` (no end-of-sequence stop: both models
+    continue the same length)."""
     device = next(model.parameters()).device
-    output = model.generate(prompt.to(device), attention_mask=torch.ones_like(prompt, device=device),
+    output = model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                             pad_token_id=0)
-    return output[0, prompt.shape[1]:].cpu()
+    return output[:, prompts.shape[1]:].cpu()
 
 
 def chat_prompts() -> list[str]:

@@ -69,6 +69,8 @@ def test_main_job_runs_the_shipped_recipe_end_to_end(smollm2, tmp_path):
     assert record["parameters"]["bound"] == "4.0 x token rms"
     assert all(site["anchors"] == 16 for site in record["sites"].values())
     assert (tmp_path / "report.md").exists() and summary["generations"]["converted"]
+    assert set(summary["phases_seconds"]) == {"training_loop", "around_the_loop", "checks"}
+    assert all(seconds > 0 for seconds in summary["phases_seconds"].values())
 
 
 def test_the_news_sample_is_another_domain_split_by_whole_articles(smollm2):
