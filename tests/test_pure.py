@@ -13,7 +13,7 @@ import hf_dynorm
 from hf_dynorm.calibration import calibrate
 from hf_dynorm.homogenise import homogenise, log_rms_spread
 from hf_dynorm.modeling_dynorm import DyISRU, DyT, SinkPrefix
-from tiny import VOCAB, reload_without_hf_dynorm, save_tiny_checkpoint, tiny_inputs, tiny_model
+from tiny import EXPECTED_ROLES, VOCAB, reload_without_hf_dynorm, save_tiny_checkpoint, tiny_inputs, tiny_model
 
 DECODERS = ("llama", "qwen3", "mistral", "gemma3_text", "olmo2", "olmo3")
 TINY_RECIPE = str(Path(__file__).parent.parent / "recipes" / "tiny" / "llama.yaml")
@@ -138,3 +138,23 @@ def test_the_pure_recipe_runs_its_stages_and_a_resumed_run_reuses_the_homogenise
     changed = subprocess.run(args + ["--resume_from_checkpoint", "latest", "--homogenise_steps", "5"],
                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert changed.returncode != 0 and "homogenise_steps: 3 there, 5 here" in changed.stderr, changed.stderr[-3000:]
+
+
+@pytest.mark.parametrize("recipe,model_type", [("dyt.yaml", "olmo2"), ("dyisru-pure.yaml", "gemma3_text")])
+def test_the_shipped_pure_recipes_run_on_families_with_post_norms_and_qk_norms(recipe, model_type, tmp_path):
+    """The SmolLM2 recipes' own settings pointed with --model at another family (post-norms, q/k norms), as users
+    will: every stage runs, and every norm the architecture has (tests/tiny.py, by hand) ends pure element-wise."""
+    model, text = save_tiny_checkpoint(tmp_path / "tiny", model_type)
+    recipe = Path(__file__).parent.parent / "recipes" / "smollm2-135m" / recipe
+    run = subprocess.run([sys.executable, "-m", "hf_dynorm.distill", "--config", str(recipe), "--model", str(model),
+                          "--data", str(text), "--output_dir", str(tmp_path / "out"), "--seq_len", "32",
+                          "--eval_window", "32", "--eval_windows", "1", "--calibration_windows", "4",
+                          "--homogenise_steps", "2", "--max_steps", "2", "--report_to", "none", "--progress", "false"],
+                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "final" / "results.json").read_text())
+    assert results["anchored"] is False and math.isfinite(results["final_perplexity_ratio"])
+    record = hf_dynorm.load_model(tmp_path / "out" / "final").config.dynorm
+    assert record["sink"]["token_id"] == 1  # the tiny tokenizer has no <|endoftext|>: its BOS, <s>
+    assert len(record["sites"]) == sum(EXPECTED_ROLES[model_type].values())
+    assert all(site["per_channel"] and site.get("anchors", 0) == 0 for site in record["sites"].values())
