@@ -64,6 +64,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None =
     check_tasks(tasks)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
     names, folders = zip(*(_resolve(task) for task in tasks))
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
