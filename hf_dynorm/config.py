@@ -43,6 +43,8 @@ class DistillConfig:
         "help": ">0: first fine-tune LoRA (norms in place) to even out token rms (homogenise.py), then convert"})
     homogenise_weight: float = field(default=30.0, metadata={"help": "weight of the log-rms spread in that stage"})
     homogenise_learning_rate: float = 2e-3
+    homogenise_warmup_steps: int = field(default=10, metadata={
+        "help": "that stage's warmup, its own: warmup_steps is the distillation's"})
     # how to train
     mode: str = field(default="norms", metadata={"help": "norms | lora | full"})
     lora_r: int = 16
@@ -113,9 +115,10 @@ class DistillConfig:
         if self.range_bound is not None and (not self.range_bound > 0 or self.bound is not None or self.anchors):
             raise ValueError("range_bound must be positive and comes without bound and anchors (anchors: 0): it "
                              "bounds every channel itself")
-        if self.homogenise_steps < 0 or self.homogenise_weight < 0 or not self.homogenise_learning_rate > 0:
-            raise ValueError("homogenise_steps and homogenise_weight cannot be negative, homogenise_learning_rate "
-                             "must be positive")
+        if min(self.homogenise_steps, self.homogenise_weight, self.homogenise_warmup_steps) < 0 \
+                or not self.homogenise_learning_rate > 0:
+            raise ValueError("homogenise_steps, homogenise_weight and homogenise_warmup_steps cannot be negative, "
+                             "homogenise_learning_rate must be positive")
         if self.anchor_fade_steps > self.max_steps:
             raise ValueError("anchor_fade_steps cannot exceed max_steps")
         if min(self.kl_weight, self.ce_weight, self.hidden_weight, self.local_weight) < 0:
@@ -168,7 +171,7 @@ class DistillConfig:
             return
         record = json.loads(record_file.read_text())
         wanted = {"steps": self.homogenise_steps, "weight": self.homogenise_weight,
-                  "learning_rate": self.homogenise_learning_rate}
+                  "learning_rate": self.homogenise_learning_rate, "warmup_steps": self.homogenise_warmup_steps}
         differ = [f"homogenise_{key}: {record.get(key)} there, {value} here" for key, value in wanted.items()
                   if record.get(key) != value]
         if differ:
