@@ -165,14 +165,18 @@ class DistillConfig:
                              "--resume_from_checkpoint latest, replace its results with --overwrite true, or choose "
                              "another --output_dir.")
 
+    def homogenise_settings(self) -> dict:
+        """The homogenisation stage's own settings, as its record (homogenise.json) holds them, without the prefix."""
+        return {"steps": self.homogenise_steps, "weight": self.homogenise_weight,
+                "learning_rate": self.homogenise_learning_rate, "warmup_steps": self.homogenise_warmup_steps}
+
     def _check_homogenised_stage(self, record_file: Path) -> None:
         """A resumed run reuses OUTPUT/homogenised only if that stage ran with this recipe's settings."""
         if not record_file.exists():
             return
         record = json.loads(record_file.read_text())
-        wanted = {"steps": self.homogenise_steps, "weight": self.homogenise_weight,
-                  "learning_rate": self.homogenise_learning_rate, "warmup_steps": self.homogenise_warmup_steps}
-        differ = [f"homogenise_{key}: {record.get(key)} there, {value} here" for key, value in wanted.items()
+        differ = [f"homogenise_{key}: {record.get(key)} there, {value} here"
+                  for key, value in self.homogenise_settings().items()
                   if record.get(key) != value]
         if differ:
             raise ValueError(f"{record_file.parent} was homogenised with other settings ({'; '.join(differ)}); resume "

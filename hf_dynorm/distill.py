@@ -314,10 +314,9 @@ def homogenised_start(config: DistillConfig, accelerator, tokenizer, train_ids: 
             weight=config.homogenise_weight, learning_rate=config.homogenise_learning_rate, lora_r=config.lora_r,
             lora_alpha=config.lora_alpha, batch_size=config.batch_size, warmup=config.homogenise_warmup_steps,
             max_grad_norm=config.max_grad_norm, seed=config.seed, log=accelerator.print)
-        record = {"steps": config.homogenise_steps, "weight": config.homogenise_weight,
-                  "learning_rate": config.homogenise_learning_rate,
-                  "warmup_steps": config.homogenise_warmup_steps, "seconds": time.perf_counter() - started,
-                  "tokens": config.homogenise_steps * config.batch_size * config.seq_len, "history": history}
+        record = config.homogenise_settings() | {
+            "seconds": time.perf_counter() - started,
+            "tokens": config.homogenise_steps * config.batch_size * config.seq_len, "history": history}
         with atomic_directory(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
