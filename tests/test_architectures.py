@@ -180,17 +180,32 @@ WITHOUT_HF_DYNORM = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def reloaded_without_hf_dynorm(tmp_path_factory):
     """Convert and save every architecture, then reload them all in one subprocess where hf_dynorm is absent."""
+    def save(model, folder):
+        save_converted(model, folder, overwrite=True)
+
+    jobs = _save_every_architecture(lambda model: hf_dynorm.convert(model, "dyisru", anchors=[0, 3]), save,
+                                    tmp_path_factory.mktemp)
+    return _reload_in_a_subprocess(WITHOUT_HF_DYNORM, jobs)
+
+
+def _save_every_architecture(convert, save, new_folder) -> list:
+    """Convert a tiny model of every architecture, save it with its inputs and logits: the jobs a reload script
+    checks, (model_type, folder, is_encoder) each."""
     jobs = []
     for model_type in ARCHITECTURES:
-        folder = tmp_path_factory.mktemp(model_type)
-        model = hf_dynorm.convert(tiny_model(model_type), "dyisru", anchors=[0, 3])
-        save_converted(model, folder, overwrite=True)
+        folder = new_folder(model_type)
+        model = convert(tiny_model(model_type))
+        save(model, folder)
         inputs = tiny_inputs()
         with torch.no_grad():
             torch.save(model(inputs).logits, folder / "logits.pt")
         torch.save(inputs, folder / "inputs.pt")
         jobs.append((model_type, str(folder), model_type in ENCODERS))
-    run = subprocess.run([sys.executable, "-c", WITHOUT_HF_DYNORM, json.dumps(jobs)], capture_output=True,
+    return jobs
+
+
+def _reload_in_a_subprocess(script: str, jobs: list) -> dict:
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], capture_output=True,
                          text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.rpartition("RESULTS ")[2].splitlines()[0])
@@ -262,20 +277,9 @@ WITH_A_FRESH_IMPORT = textwrap.dedent("""
 def test_a_fresh_import_is_lazy_and_still_loads_every_architecture_with_auto_classes(tmp_path):
     # `import hf_dynorm` imports no torch or transformers; the converted architectures register when transformers'
     # config mapping loads, and every saved checkpoint then loads bit-identically through the Auto classes
-    jobs = []
-    for model_type in ARCHITECTURES:
-        folder = tmp_path / model_type
-        model = hf_dynorm.convert(tiny_model(model_type), "dyt")
-        model.save_pretrained(folder)
-        inputs = tiny_inputs()
-        with torch.no_grad():
-            torch.save(model(inputs).logits, folder / "logits.pt")
-        torch.save(inputs, folder / "inputs.pt")
-        jobs.append((model_type, str(folder), model_type in ENCODERS))
-    run = subprocess.run([sys.executable, "-c", WITH_A_FRESH_IMPORT, json.dumps(jobs)], capture_output=True,
-                         text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.rpartition("RESULTS ")[2].splitlines()[0])
+    jobs = _save_every_architecture(lambda model: hf_dynorm.convert(model, "dyt"),
+                                    lambda model, folder: model.save_pretrained(folder), tmp_path.joinpath)
+    results = _reload_in_a_subprocess(WITH_A_FRESH_IMPORT, jobs)
     assert results.pop("lazy") is True
     for model_type, found in results.items():
         assert found["identical"] and found["class"].startswith("Dynorm") and found["bare"].startswith("Dynorm"), \
