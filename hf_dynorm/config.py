@@ -13,7 +13,8 @@ ESTIMATORS = ("median", "mean", "geomean", "fit")  # calibration.ESTIMATORS, wit
 HOMOGENISED = "homogenised"  # the output folder's subfolder holding the homogenisation stage's model
 # the keys that must be at least 1 (a 0 divides by zero or never runs)
 POSITIVE_INTEGERS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "eval_every",
-                     "eval_windows", "eval_window", "save_every", "calibration_windows", "ramp_steps", "lora_r")
+                     "eval_windows", "eval_window", "save_every", "calibration_windows", "ramp_steps", "lora_r",
+                     "homogenise_batch_size")
 
 
 @dataclass
@@ -45,6 +46,8 @@ class DistillConfig:
     homogenise_learning_rate: float = 2e-3
     homogenise_warmup_steps: int = field(default=10, metadata={
         "help": "that stage's warmup, its own: warmup_steps is the distillation's"})
+    homogenise_batch_size: int = field(default=2, metadata={
+        "help": "that stage's sequences per step, its own: batch_size is the distillation's"})
     # how to train
     mode: str = field(default="norms", metadata={"help": "norms | lora | full"})
     lora_r: int = 16
@@ -168,7 +171,8 @@ class DistillConfig:
     def homogenise_settings(self) -> dict:
         """The homogenisation stage's own settings, as its record (homogenise.json) holds them, without the prefix."""
         return {"steps": self.homogenise_steps, "weight": self.homogenise_weight,
-                "learning_rate": self.homogenise_learning_rate, "warmup_steps": self.homogenise_warmup_steps}
+                "learning_rate": self.homogenise_learning_rate, "warmup_steps": self.homogenise_warmup_steps,
+                "batch_size": self.homogenise_batch_size}
 
     def _check_homogenised_stage(self, record_file: Path) -> None:
         """A resumed run reuses OUTPUT/homogenised only if that stage ran with this recipe's settings."""

@@ -311,12 +311,13 @@ def homogenised_start(config: DistillConfig, accelerator, tokenizer, train_ids: 
         started = time.perf_counter()
         model, history = homogenise(
             load_model(config.model).to(accelerator.device), train_ids, steps=config.homogenise_steps,
-            weight=config.homogenise_weight, learning_rate=config.homogenise_learning_rate, lora_r=config.lora_r,
-            lora_alpha=config.lora_alpha, batch_size=config.batch_size, warmup=config.homogenise_warmup_steps,
-            max_grad_norm=config.max_grad_norm, seed=config.seed, log=accelerator.print)
+            weight=config.homogenise_weight, learning_rate=config.homogenise_learning_rate,
+            batch_size=config.homogenise_batch_size, warmup=config.homogenise_warmup_steps,
+            lora_r=config.lora_r, lora_alpha=config.lora_alpha, max_grad_norm=config.max_grad_norm, seed=config.seed,
+            log=accelerator.print)
         record = config.homogenise_settings() | {
             "seconds": time.perf_counter() - started,
-            "tokens": config.homogenise_steps * config.batch_size * config.seq_len, "history": history}
+            "tokens": config.homogenise_steps * config.homogenise_batch_size * config.seq_len, "history": history}
         with atomic_directory(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

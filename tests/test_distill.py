@@ -214,6 +214,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkp
     (["--bound", "-1"], "bound must be a positive number"),
     (["--alpha_learning_rate", "1e-4"], "alpha_learning_rate is DyT's"),
     (["--homogenise_warmup_steps", "-1"], "homogenise_warmup_steps cannot be negative"),
+    (["--homogenise_batch_size", "0"], "homogenise_batch_size must be at least 1"),
 ])
 def test_bad_config_fails_before_loading_a_model(checkpoint, tmp_path, override, message):
     run = run_distill(distill_args(checkpoint, tmp_path, *override))

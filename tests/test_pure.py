@@ -122,12 +122,13 @@ def test_the_pure_recipe_runs_its_stages_and_a_resumed_run_reuses_the_homogenise
     args = [sys.executable, "-m", "hf_dynorm.distill", "--config", TINY_RECIPE, "--model", str(model), "--data",
             str(text), "--output_dir", str(tmp_path / "out"), "--eval_window", "32",
             "--mode", "lora", "--anchors", "0", "--range_bound", "1.5", "--sink_prefix", "auto",
-            "--homogenise_steps", "3", "--homogenise_warmup_steps", "2", "--schedule", "all", "--max_steps", "4",
-            "--save_every", "2"]
+            "--homogenise_steps", "3", "--homogenise_warmup_steps", "2", "--homogenise_batch_size", "3",
+            "--schedule", "all", "--max_steps", "4", "--save_every", "2"]
     run = subprocess.run(args, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "final" / "results.json").read_text())
     assert results["homogenised"]["steps"] == 3 and results["homogenised"]["warmup_steps"] == 2
+    assert results["homogenised"]["batch_size"] == 3 and results["homogenised"]["tokens"] == 3 * 3 * 32
     assert results["anchored"] is False
     record = hf_dynorm.load_model(tmp_path / "out" / "final").config.dynorm
     assert record["sink"]["token_id"] == 1  # the tiny tokenizer's BOS, <s>
