@@ -241,8 +241,10 @@ def setup(config: DistillConfig) -> Run:
                          f"of {config.eval_window}: lower --eval_window or give more held-out text.")
 
     # -- the student: (homogenised,) calibrated once, converted identically everywhere ------------------------------
-    homogenise_record = homogenised_start(config, accelerator, tokenizer, train_ids) if config.homogenise_steps \
-        else None
+    homogenise_record = None
+    if config.homogenise_steps:
+        homogenise_record = homogenised_start(config, accelerator, tokenizer, train_ids)
+        set_seed(config.seed)  # the distillation draws the same numbers whether the stage ran now or was reused
     start = Path(config.output_dir) / HOMOGENISED if homogenise_record else config.model
     student = load_model(start).to(accelerator.device)
     originals = {site.name: student.get_submodule(site.name) for site in find_norm_sites(student)}

@@ -2,12 +2,14 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import hf_dynorm
 from hf_dynorm.calibration import calibrate
@@ -138,6 +140,13 @@ def test_the_pure_recipe_runs_its_stages_and_a_resumed_run_reuses_the_homogenise
                              timeout=600, stdin=subprocess.DEVNULL)
     assert resumed.returncode == 0 and "homogenise step" not in resumed.stdout, resumed.stderr[-3000:]
     assert (tmp_path / "out" / "homogenised" / "model.safetensors").stat().st_mtime_ns == stamp
+    # a run that finds the stage made (killed before its first checkpoint) distils as the uninterrupted run did
+    shutil.copytree(tmp_path / "out" / "homogenised", tmp_path / "again" / "homogenised")
+    again = subprocess.run([*args, "--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path / "again")],
+                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0 and "homogenise step" not in again.stdout, again.stderr[-3000:]
+    first, second = (load_file(tmp_path / folder / "final" / "model.safetensors") for folder in ("out", "again"))
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
     changed = subprocess.run(args + ["--resume_from_checkpoint", "latest", "--homogenise_steps", "5"],
                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert changed.returncode != 0 and "homogenise_steps: 3 there, 5 here" in changed.stderr, changed.stderr[-3000:]
