@@ -169,7 +169,8 @@ class DistillConfig:
                              "another --output_dir.")
 
     def homogenise_settings(self) -> dict:
-        """The homogenisation stage's own settings, as its record (homogenise.json) holds them, without the prefix."""
+        """The homogenisation stage's own settings, without the prefix: homogenise()'s keywords, and its record
+        (homogenise.json)."""
         return {"steps": self.homogenise_steps, "weight": self.homogenise_weight,
                 "learning_rate": self.homogenise_learning_rate, "warmup_steps": self.homogenise_warmup_steps,
                 "batch_size": self.homogenise_batch_size}

@@ -312,9 +312,7 @@ def homogenised_start(config: DistillConfig, accelerator, tokenizer, train_ids: 
     if accelerator.is_main_process and not (folder / "homogenise.json").exists():
         started = time.perf_counter()
         model, history = homogenise(
-            load_model(config.model).to(accelerator.device), train_ids, steps=config.homogenise_steps,
-            weight=config.homogenise_weight, learning_rate=config.homogenise_learning_rate,
-            batch_size=config.homogenise_batch_size, warmup=config.homogenise_warmup_steps,
+            load_model(config.model).to(accelerator.device), train_ids, **config.homogenise_settings(),
             lora_r=config.lora_r, lora_alpha=config.lora_alpha, max_grad_norm=config.max_grad_norm, seed=config.seed,
             log=accelerator.print)
         record = config.homogenise_settings() | {

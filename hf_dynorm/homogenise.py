@@ -33,7 +33,7 @@ def cosine_with_warmup(warmup: int, total: int):
 
 
 def homogenise(model: nn.Module, windows: torch.Tensor, *, steps: int, weight: float, learning_rate: float,
-               lora_r: int = 16, lora_alpha: int = 32, batch_size: int = 2, warmup: int = 10,
+               lora_r: int = 16, lora_alpha: int = 32, batch_size: int = 2, warmup_steps: int = 10,
                max_grad_norm: float = 1.0, seed: int = 0, log=print) -> tuple[nn.Module, list[dict]]:
     """Train LoRA adapters on `windows` (n, length) for `steps` steps of `batch_size` windows, then merge them.
     Returns the homogenised model (its norms untouched) and the per-step losses."""
@@ -45,7 +45,7 @@ def homogenise(model: nn.Module, windows: torch.Tensor, *, steps: int, weight: f
                                                lora_dropout=0.0))
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, steps))
     generator = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(windows), generator=generator)
                        for _ in range(math.ceil(steps * batch_size / len(windows)) + 1)])

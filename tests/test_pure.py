@@ -113,7 +113,7 @@ def test_homogenisation_narrows_the_spread_and_keeps_the_norms():
     model = tiny_model("llama")
     windows = ids(64 * 32).view(64, 32)
     homogenised, history = homogenise(model, windows, steps=30, weight=30.0, learning_rate=5e-3, batch_size=4,
-                                      warmup=2)
+                                      warmup_steps=2)
     assert history[-1]["spread"] < 0.8 * history[0]["spread"]
     assert not any("lora" in name for name, _ in homogenised.named_modules())
     assert type(homogenised.model.norm).__name__ == "LlamaRMSNorm"
