@@ -310,14 +310,13 @@ def homogenised_start(config: DistillConfig, accelerator, tokenizer, train_ids: 
 
     folder = Path(config.output_dir) / HOMOGENISED
     if accelerator.is_main_process and not (folder / "homogenise.json").exists():
-        started = time.perf_counter()
+        started, settings = time.perf_counter(), config.homogenise_settings()
         model, history = homogenise(
-            load_model(config.model).to(accelerator.device), train_ids, **config.homogenise_settings(),
+            load_model(config.model).to(accelerator.device), train_ids, **settings,
             lora_r=config.lora_r, lora_alpha=config.lora_alpha, max_grad_norm=config.max_grad_norm, seed=config.seed,
             log=accelerator.print)
-        record = config.homogenise_settings() | {
-            "seconds": time.perf_counter() - started,
-            "tokens": config.homogenise_steps * config.homogenise_batch_size * config.seq_len, "history": history}
+        record = settings | {"seconds": time.perf_counter() - started,
+                             "tokens": settings["steps"] * settings["batch_size"] * config.seq_len, "history": history}
         with atomic_directory(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
