@@ -71,8 +71,9 @@ class DistillConfig:
     gradient_accumulation_steps: int = 1
     max_steps: int = 100
     learning_rate: float = field(default=1e-3, metadata={"help": "norm parameters"})
-    alpha_learning_rate: float | None = field(default=None, metadata={
-        "help": "DyT's alpha, which trains on a linear scale (DyISRU's kappa on a log one); unset: learning_rate"})
+    alpha_relative_learning_rate: float | None = field(default=None, metadata={
+        "help": "DyT's alpha, as a fraction of the model's median calibrated |alpha| (alpha scales as 1 / the "
+                "activations; DyISRU's kappa trains on a log scale); unset: learning_rate"})
     base_learning_rate: float = field(default=3e-5, metadata={"help": "LoRA adapters or all other weights"})
     warmup_steps: int = 5
     adam_epsilon: float = 1e-8
@@ -128,10 +129,11 @@ class DistillConfig:
             raise ValueError("loss weights cannot be negative")
         if self.kl_weight + self.ce_weight + self.hidden_weight + self.local_weight <= 0:
             raise ValueError("every loss weight is 0: nothing to train")
-        if self.alpha_learning_rate is not None and self.norm != "dyt":
-            raise ValueError("alpha_learning_rate is DyT's (its alpha); DyISRU's kappa trains at learning_rate")
+        if self.alpha_relative_learning_rate is not None and self.norm != "dyt":
+            raise ValueError("alpha_relative_learning_rate is DyT's (its alpha); DyISRU's kappa trains at "
+                             "learning_rate")
         if not (self.temperature > 0 and self.learning_rate >= 0 and self.base_learning_rate >= 0
-                and (self.alpha_learning_rate or 0) >= 0 and self.adam_epsilon > 0 and self.max_grad_norm > 0):
+                and (self.alpha_relative_learning_rate or 0) >= 0 and self.adam_epsilon > 0 and self.max_grad_norm > 0):
             raise ValueError("temperature, adam_epsilon and max_grad_norm must be positive and learning rates "
                              "non-negative")
         from .sources import check_text_source, parse_split

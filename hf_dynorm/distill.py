@@ -258,14 +258,14 @@ def setup(config: DistillConfig) -> Run:
     skeleton = meta_copy(student) if accelerator.is_main_process else None
 
     # -- optimisation, prepared by accelerate ---------------------------------------------------------------------
+    alpha_lr = alpha_learning_rate(config, sites)  # from the calibrated alphas, before FSDP shards them
     shard_norms_in_fp32(list(sites.values()), accelerator)
     student = accelerator.prepare(student)
     # the optimizer is made from the prepared (under FSDP: sharded) parameters, found by name
     named = dict(accelerator.unwrap_model(student).named_parameters())
-    alpha_lr = config.learning_rate if config.alpha_learning_rate is None else config.alpha_learning_rate
-    groups = [{"params": [named[name] for name in names], "lr": lr} for names, lr in
-              ((trainable["norms"], config.learning_rate), (trainable["alphas"], alpha_lr),
-               (trainable["base"], config.base_learning_rate)) if names]
+    groups = [{"params": [named[name] for name in trainable[group]], "lr": lr, "name": group}
+              for group, lr in (("norms", config.learning_rate), ("alphas", alpha_lr),
+                                ("base", config.base_learning_rate)) if trainable[group]]
     optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(groups, weight_decay=0.0, eps=config.adam_epsilon))
     # stepped by hand once per optimizer step (accelerate's wrapper would step once per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer,
@@ -293,6 +293,18 @@ def setup(config: DistillConfig) -> Run:
     run.start_ratio = math.exp(min(700, start_nll - run.teacher_nll))
     say(f"start: held-out perplexity ratio {run.start_ratio:.4g} (teacher perplexity {math.exp(run.teacher_nll):.4g})")
     return run
+
+
+def alpha_learning_rate(config: DistillConfig, sites: dict[str, DistillationSite]) -> float:
+    """DyT's alpha scales as 1 / its input, and Adam moves a parameter by about its learning rate a step, so a fixed
+    rate moves the alphas of a model with 10x larger activations 10x as far relative to their size.
+    alpha_relative_learning_rate is a fraction of the model's median calibrated |alpha| instead; unset, alpha trains
+    at learning_rate as every other norm parameter."""
+    if config.alpha_relative_learning_rate is None:
+        return config.learning_rate
+    alphas = [site.replacement.alpha.detach().abs().flatten() for site in sites.values()
+              if isinstance(site.replacement, DyT)]
+    return config.alpha_relative_learning_rate * torch.cat(alphas).median().item() if alphas else 0.0
 
 
 def separate_teacher(config: DistillConfig) -> bool:
@@ -503,7 +515,8 @@ def finish(run: Run, step: int, skipped: int, history: list[dict], seconds: floa
               "tokens": tokens, "train_seconds": seconds,
               "tokens_per_second": tokens / max(seconds, 1e-9),
               "tokens_per_second_per_process": tokens / max(seconds, 1e-9) / accelerator.num_processes,
-              "skipped_steps": skipped, "optimizer_steps_by_process": optimizer_steps, **peaks,
+              "skipped_steps": skipped, "optimizer_steps_by_process": optimizer_steps,
+              "learning_rates": {group["name"]: group["initial_lr"] for group in run.optimizer.param_groups}, **peaks,
               **run.topology, "homogenised": run.homogenised, "history": history,
               "config": {k: v for k, v in asdict(config).items() if k != "sources"}}
     save_converted(final, run.output / "final", run.tokenizer, overwrite=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import hf_dynorm
 from tiny import tiny_inputs, tiny_model
@@ -90,3 +91,28 @@ def test_model_benchmark_converts_as_the_recipe_starts(smollm2):
     assert {site["anchors"] for site in record["sites"].values()} == {16}
     assert {site["anchor_scale"] for site in record["sites"].values()} == {4.0**2 / 576}  # bound 4: b^2 / C
     assert getattr(model.config, "dynorm", None) is None  # the original is left as it was
+
+
+def test_scaled_activations_probe_keeps_the_logits_and_scales_every_norm_input():
+    spec = importlib.util.spec_from_file_location("scaled_activations", BENCHMARK.parent / "scaled_activations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    original, probe = tiny_model("llama"), tiny_model("llama")
+    for model in (original, probe):  # eps is the one place where scale shows: take it out of this check
+        for norm in hf_dynorm.find_norm_sites(model):
+            model.get_submodule(norm.name).variance_epsilon = 0.0
+    module.scaled(probe, 10.0)
+    inputs = {}
+    for name, model in (("original", original), ("probe", probe)):
+        hooks = [model.get_submodule(site.name).register_forward_pre_hook(
+            lambda _, args, key=(name, site.name): inputs.__setitem__(key, args[0]))
+            for site in hf_dynorm.find_norm_sites(model)]
+        logits = model(tiny_inputs()).logits
+        inputs[name] = logits
+        for hook in hooks:
+            hook.remove()
+    assert torch.allclose(inputs["probe"], inputs["original"], atol=1e-5, rtol=1e-4)
+    sites = [site.name for site in hf_dynorm.find_norm_sites(original)]
+    assert len(sites) == 5
+    for site in sites:
+        assert torch.allclose(inputs["probe", site], 10.0 * inputs["original", site], rtol=1e-4, atol=1e-6)

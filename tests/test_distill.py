@@ -156,20 +156,29 @@ def test_bounded_per_channel_pure_start_is_kept_in_the_saved_model(checkpoint, t
     assert json.loads((tmp_path / "final" / "results.json").read_text())["anchored"] is False
 
 
-def test_dyt_alpha_trains_at_its_own_learning_rate(checkpoint, tmp_path):
-    # alpha_learning_rate 0 freezes DyT's alpha alone: the run ends with the alphas of a run that trains nothing
+def test_dyt_alpha_trains_at_a_rate_relative_to_its_median(checkpoint, tmp_path):
+    # alpha_relative_learning_rate 0 freezes DyT's alpha alone: the run ends with the alphas of a run that trains
+    # nothing; at r, Adam's first step (lr x g / (|g| + eps), no warmup) moves each alpha by r x their median at most
     common = ["--norm", "dyt", "--anchors", "0", "--schedule", "all", "--ramp_steps", "1", "--max_steps", "3",
               "--warmup_steps", "0", "--eval_every", "100", "--save_every", "100"]
     frozen = run_distill(distill_args(checkpoint, tmp_path / "frozen", *common, "--learning_rate", "0"))
     alpha_only = run_distill(distill_args(checkpoint, tmp_path / "alpha", *common, "--learning_rate", "1e-2",
-                                          "--alpha_learning_rate", "0"))
-    assert frozen.returncode == 0 and alpha_only.returncode == 0, (frozen.stderr + alpha_only.stderr)[-3000:]
-    a, b = final_weights(tmp_path / "frozen"), final_weights(tmp_path / "alpha")
+                                          "--alpha_relative_learning_rate", "0"))
+    one_step = run_distill(distill_args(checkpoint, tmp_path / "one", *common, "--learning_rate", "0",
+                                        "--alpha_relative_learning_rate", "0.01", "--max_steps", "1"))
+    assert frozen.returncode == alpha_only.returncode == one_step.returncode == 0, \
+        (frozen.stderr + alpha_only.stderr + one_step.stderr)[-3000:]
+    a, b, c = (final_weights(tmp_path / name) for name in ("frozen", "alpha", "one"))
     alphas = [key for key in a if key.endswith(".alpha")]
     weights = [key for key in alphas if key.replace(".alpha", ".weight") in a]
     assert alphas and all(torch.equal(a[key], b[key]) for key in alphas)
     assert all(not torch.equal(a[key.replace(".alpha", ".weight")], b[key.replace(".alpha", ".weight")])
                for key in weights)
+    expected = 0.01 * torch.cat([a[key].abs().flatten() for key in alphas]).median().item()
+    moves = torch.cat([(c[key] - a[key]).abs().flatten() for key in alphas])
+    assert moves.max().item() == pytest.approx(expected, rel=1e-3) and moves.max() <= expected * (1 + 1e-4)
+    record = json.loads((tmp_path / "one" / "final" / "results.json").read_text())
+    assert record["learning_rates"]["alphas"] == pytest.approx(expected, rel=1e-6)
 
 
 def final_weights(folder):
@@ -212,7 +221,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkp
     (["--mode", "adapters"], "mode must be one of"),
     (["--data", "/nonexistent/corpus.txt"], "does not exist"),
     (["--bound", "-1"], "bound must be a positive number"),
-    (["--alpha_learning_rate", "1e-4"], "alpha_learning_rate is DyT's"),
+    (["--alpha_relative_learning_rate", "1e-3"], "alpha_relative_learning_rate is DyT's"),
     (["--homogenise_warmup_steps", "-1"], "homogenise_warmup_steps cannot be negative"),
     (["--homogenise_batch_size", "0"], "homogenise_batch_size must be at least 1"),
 ])
