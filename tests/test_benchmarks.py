@@ -102,16 +102,15 @@ def test_scaled_activations_probe_keeps_the_logits_and_scales_every_norm_input()
         for norm in hf_dynorm.find_norm_sites(model):
             model.get_submodule(norm.name).variance_epsilon = 0.0
     module.scaled(probe, 10.0)
-    inputs = {}
+    logits, inputs = {}, {}
     for name, model in (("original", original), ("probe", probe)):
         hooks = [model.get_submodule(site.name).register_forward_pre_hook(
             lambda _, args, key=(name, site.name): inputs.__setitem__(key, args[0]))
             for site in hf_dynorm.find_norm_sites(model)]
-        logits = model(tiny_inputs()).logits
-        inputs[name] = logits
+        logits[name] = model(tiny_inputs()).logits
         for hook in hooks:
             hook.remove()
-    assert torch.allclose(inputs["probe"], inputs["original"], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(logits["probe"], logits["original"], atol=1e-5, rtol=1e-4)
     sites = [site.name for site in hf_dynorm.find_norm_sites(original)]
     assert len(sites) == 5
     for site in sites:
