@@ -47,9 +47,10 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model)
     ids = tokenizer(SENTENCE, return_tensors="pt").input_ids
+    model = load_model(args.model)
     with torch.no_grad():
-        original = load_model(args.model)(ids).logits
-        model = scaled(load_model(args.model), args.scale)
+        original = model(ids).logits
+        model = scaled(model, args.scale)
         difference = (model(ids).logits - original).abs().max().item()
     print(f"largest logit difference {difference:.3g} (largest logit {original.abs().max().item():.3g})")
     model.save_pretrained(args.out)

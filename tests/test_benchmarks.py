@@ -18,8 +18,8 @@ from tiny import tiny_inputs, tiny_model
 BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "run.py"
 
 
-def benchmark_module():
-    spec = importlib.util.spec_from_file_location("benchmark_run", BENCHMARK)
+def benchmark_module(script: Path = BENCHMARK):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -94,9 +94,7 @@ def test_model_benchmark_converts_as_the_recipe_starts(smollm2):
 
 
 def test_scaled_activations_probe_keeps_the_logits_and_scales_every_norm_input():
-    spec = importlib.util.spec_from_file_location("scaled_activations", BENCHMARK.parent / "scaled_activations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module(BENCHMARK.parent / "scaled_activations.py")
     original, probe = tiny_model("llama"), tiny_model("llama")
     for model in (original, probe):  # eps is the one place where scale shows: take it out of this check
         for norm in hf_dynorm.find_norm_sites(model):
