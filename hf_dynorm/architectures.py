@@ -37,12 +37,17 @@ class Architecture:
     flavour: str
     eps_attr: str
     sites: dict[str, str]  # module-name pattern (matched at the end of the name) -> role
+    qk_heads_first: bool = False  # q/k norms run after the heads transpose: inputs (batch, heads, sequence, head_dim)
 
     def role_of(self, name: str) -> str | None:
         for pattern, role in self.sites.items():
             if re.search(rf"(?:^|\.){pattern}$", name):
                 return role
         return None
+
+    def sequence_dim(self, role: str) -> int:
+        """Where a site of this role keeps the sequence in its input: 1, or 2 for heads-first q/k norms."""
+        return 2 if self.qk_heads_first and role in (Q_NORM, K_NORM) else 1
 
 
 _LAYER = r"layers\.\d+\."
@@ -68,7 +73,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi3": Architecture(RMS, "variance_epsilon", _DECODER),
     "gemma": Architecture(RMS_OFFSET, "eps", _DECODER),
     "gemma2": Architecture(RMS_OFFSET, "eps", _SANDWICH),
-    "gemma3_text": Architecture(RMS_OFFSET, "eps", {**_SANDWICH, **_QK}),
+    "gemma3_text": Architecture(RMS_OFFSET, "eps", {**_SANDWICH, **_QK}, qk_heads_first=True),
     "olmo2": Architecture(RMS, "variance_epsilon", {**_POST_NORM, **_QK}),  # q/k norms over all heads at once
     "olmo3": Architecture(RMS, "variance_epsilon", {**_POST_NORM, **_QK}),
     "gpt2": Architecture(LAYER, "eps", {r"h\.\d+\.ln_1": ATTN_INPUT, r"h\.\d+\.ln_2": MLP_INPUT, "ln_f": FINAL}),
@@ -174,24 +179,44 @@ def observing_norm_inputs(model: nn.Module, observers: dict[str, Callable[..., N
     """Within the block, every forward of `model` calls observers[name] with the input of the module `name` (a norm
     site) before that module runs, or, `with_outputs`, with its input and output after it ran (so that an observer
     that needs the norm's output does not compute it again); the hooks are removed on the way out, errors included.
+    Observers get every tensor as (batch, sequence, ..., channels), whatever order the site's own input has (Gemma 3's
+    q/k norms get (batch, heads, sequence, head_dim), OPT's MLP norm (batch x sequence, channels)): they exclude the
+    first position, the attention sink's, by it.
 
     Yields what to call to feed them: the base model when every site lies inside it, so that no task head runs for
     nothing (SmolLM2's LM head writes 4 x 512 x 49152 fp32 logits, 400 MB, per batch of four windows), else
     `model`."""
-    def hook(module: nn.Module, observe):  # the hooks return None whatever observe returns: no output is replaced
-        def before(_, args):
-            observe(args[0])
-
-        def after(_, args, output):
-            observe(args[0], output)
-
-        return module.register_forward_hook(after) if with_outputs else module.register_forward_pre_hook(before)
-
-    handles = [hook(model.get_submodule(name), observe) for name, observe in observers.items()]
+    arch = architecture_of(model)
     prefix = getattr(model, "base_model_prefix", "")
     inside = prefix and hasattr(model, prefix) and all(name.startswith(prefix + ".") for name in observers)
+    root = getattr(model, prefix) if inside else model
+    tokens = {}  # the (batch, sequence) of the forward under way
+
+    def note_tokens(_, args, kwargs):
+        given = kwargs.get("input_ids", args[0] if args else None)
+        given = kwargs.get("inputs_embeds") if given is None else given
+        if given is not None:
+            tokens["shape"] = tuple(given.shape[:2])
+
+    def hook(name: str, observe):  # the hooks return None whatever observe returns: no output is replaced
+        dim = arch.sequence_dim(arch.role_of(name)) if arch is not None else 1
+
+        def ordered(x):
+            return x.view(*tokens["shape"], x.shape[-1]) if x.dim() == 2 else x.transpose(1, dim)
+
+        def before(_, args):
+            observe(ordered(args[0]))
+
+        def after(_, args, output):
+            observe(ordered(args[0]), ordered(output))
+
+        module = model.get_submodule(name)
+        return module.register_forward_hook(after) if with_outputs else module.register_forward_pre_hook(before)
+
+    handles = [top.register_forward_pre_hook(note_tokens, with_kwargs=True) for top in {model, root}]
+    handles += [hook(name, observe) for name, observe in observers.items()]
     try:
-        yield getattr(model, prefix) if inside else model
+        yield root
     finally:
         for handle in handles:
             handle.remove()

@@ -58,19 +58,24 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / EMBEDDED_MODEL
     if (target / "config.json").exists():
         return target
+    override = os.environ.get("HF_DYNORM_SMOLLM2_GGUF")  # the same GGUF from elsewhere (benchmarks/gpu_check.sh)
+    gguf = Path(override) if override else _packaged_file(*_GGUF)
+    logger.warning("Dequantizing the embedded SmolLM2-135M GGUF into %s (once)", target)
+    return plain_model_from_gguf(gguf, target, EMBEDDED_HUB_IDS[EMBEDDED_MODEL])
+
+
+def plain_model_from_gguf(gguf: Path, target: Path, hub_id: str) -> Path:
+    """Dequantize a GGUF checkpoint to fp32 and save it as a plain HF folder at `target` (written whole or not at
+    all), named after the Hub model it was converted from."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    override = os.environ.get("HF_DYNORM_SMOLLM2_GGUF")  # the same GGUF from elsewhere (benchmarks/gpu_check.sh)
-    gguf = Path(override) if override else _packaged_file(*_GGUF)
-
-    logger.warning("Dequantizing the embedded SmolLM2-135M GGUF into %s (once)", target)
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     config = quantized.config
     del config.quantization_config  # a GGUF-loaded model refuses save_pretrained: rebuild it plainly
-    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config._name_or_path = hub_id
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     with atomic_directory(target, overwrite=True) as tmp:

