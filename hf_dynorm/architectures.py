@@ -202,7 +202,7 @@ def observing_norm_inputs(model: nn.Module, observers: dict[str, Callable[..., N
         dim = arch.sequence_dim(arch.role_of(name)) if arch is not None else 1
 
         def ordered(x):
-            return x.view(*tokens["shape"], x.shape[-1]) if x.dim() == 2 else x.transpose(1, dim)
+            return x.unflatten(0, tokens["shape"]) if x.dim() == 2 else x.transpose(1, dim)
 
         def before(_, args):
             observe(ordered(args[0]))

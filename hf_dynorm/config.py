@@ -74,7 +74,11 @@ class DistillConfig:
     alpha_relative_learning_rate: float | None = field(default=None, metadata={
         "help": "DyT's alpha, as a fraction of the model's median calibrated |alpha| (alpha scales as 1 / the "
                 "activations; DyISRU's kappa trains on a log scale); unset: learning_rate"})
-    base_learning_rate: float = field(default=3e-5, metadata={"help": "LoRA adapters or all other weights"})
+    base_learning_rate: float | None = field(default=None, metadata={
+        "help": "LoRA adapters or all other weights; unset (and no base_relative_learning_rate): 3e-5"})
+    base_relative_learning_rate: float | None = field(default=None, metadata={
+        "help": "the same, as a fraction of the median std of the model's linear weights (Adam moves a weight by "
+                "about its rate a step: Gemma 3 270M's weights are ~5x smaller than SmolLM2's)"})
     warmup_steps: int = 5
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
@@ -132,8 +136,11 @@ class DistillConfig:
         if self.alpha_relative_learning_rate is not None and self.norm != "dyt":
             raise ValueError("alpha_relative_learning_rate is DyT's (its alpha); DyISRU's kappa trains at "
                              "learning_rate")
-        if not (self.temperature > 0 and self.learning_rate >= 0 and self.base_learning_rate >= 0
-                and (self.alpha_relative_learning_rate or 0) >= 0 and self.adam_epsilon > 0 and self.max_grad_norm > 0):
+        if self.base_learning_rate is not None and self.base_relative_learning_rate is not None:
+            raise ValueError("give base_learning_rate or base_relative_learning_rate, not both")
+        if not (self.temperature > 0 and self.learning_rate >= 0 and (self.base_learning_rate or 0) >= 0
+                and min(self.alpha_relative_learning_rate or 0, self.base_relative_learning_rate or 0) >= 0
+                and self.adam_epsilon > 0 and self.max_grad_norm > 0):
             raise ValueError("temperature, adam_epsilon and max_grad_norm must be positive and learning rates "
                              "non-negative")
         from .sources import check_text_source, parse_split

@@ -254,6 +254,7 @@ def setup(config: DistillConfig) -> Run:
     sites = wrap_sites(student, originals)
     for site in sites.values():
         site.track_local = bool(config.local_weight)
+    base_lr = base_learning_rate(config, student)  # from the linear weights, before LoRA wraps them
     student, trainable = _trainable(student, sites, config)
     skeleton = meta_copy(student) if accelerator.is_main_process else None
 
@@ -265,7 +266,7 @@ def setup(config: DistillConfig) -> Run:
     named = dict(accelerator.unwrap_model(student).named_parameters())
     groups = [{"params": [named[name] for name in trainable[group]], "lr": lr, "name": group}
               for group, lr in (("norms", config.learning_rate), ("alphas", alpha_lr),
-                                ("base", config.base_learning_rate)) if trainable[group]]
+                                ("base", base_lr)) if trainable[group]]
     optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(groups, weight_decay=0.0, eps=config.adam_epsilon))
     # stepped by hand once per optimizer step (accelerate's wrapper would step once per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer,
@@ -305,6 +306,19 @@ def alpha_learning_rate(config: DistillConfig, sites: dict[str, DistillationSite
     alphas = [site.replacement.alpha.detach().abs().flatten() for site in sites.values()
               if isinstance(site.replacement, DyT)]
     return config.alpha_relative_learning_rate * torch.cat(alphas).median().item() if alphas else 0.0
+
+
+def base_learning_rate(config: DistillConfig, model: nn.Module) -> float:
+    """Adam moves a weight (or a LoRA factor) by about its learning rate a step, so what a rate does depends on the
+    size of the weights: Gemma 3 270M's linear weights have a median std of 0.040, SmolLM2's 0.19, and the same rate
+    changes Gemma's ~5x as much relative to themselves. base_relative_learning_rate is a fraction of that median over
+    the model's linear layers (the output embedding left out); unset, base_learning_rate (3e-5 if that is unset too)."""
+    if config.base_relative_learning_rate is None:
+        return 3e-5 if config.base_learning_rate is None else config.base_learning_rate
+    head = model.get_output_embeddings()
+    stds = [module.weight.detach().float().std() for module in model.modules()  # (GPT-2's linear layers: Conv1D)
+            if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and module is not head]
+    return config.base_relative_learning_rate * torch.stack(stds).median().item()
 
 
 def separate_teacher(config: DistillConfig) -> bool:

@@ -181,6 +181,21 @@ def test_dyt_alpha_trains_at_a_rate_relative_to_its_median(checkpoint, tmp_path)
     assert record["learning_rates"]["alphas"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_lora_trains_at_a_rate_relative_to_the_median_std_of_the_linear_weights(checkpoint, tmp_path):
+    # the rate the adapters got, against the median std of the checkpoint's linear weights read from its file
+    # (every 2-D weight but the embedding and the LM head, which the rate leaves out)
+    run = run_distill(distill_args(checkpoint, tmp_path, "--mode", "lora", "--max_steps", "1", "--eval_every", "100",
+                                   "--base_relative_learning_rate", "0.01"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    model, _ = checkpoint
+    weights = load_file(str(Path(model) / "model.safetensors"))
+    linear = [w.float().std() for name, w in weights.items()
+              if w.dim() == 2 and "embed" not in name and "lm_head" not in name]
+    assert len(linear) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    record = json.loads((tmp_path / "final" / "results.json").read_text())
+    assert record["learning_rates"]["base"] == pytest.approx(0.01 * torch.stack(linear).median().item(), rel=1e-6)
+
+
 def final_weights(folder):
     return load_file(str(Path(folder) / "final" / "model.safetensors"))
 
@@ -222,6 +237,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkp
     (["--data", "/nonexistent/corpus.txt"], "does not exist"),
     (["--bound", "-1"], "bound must be a positive number"),
     (["--alpha_relative_learning_rate", "1e-3"], "alpha_relative_learning_rate is DyT's"),
+    (["--base_learning_rate", "1e-3", "--base_relative_learning_rate", "1e-2"], "not both"),
     (["--homogenise_warmup_steps", "-1"], "homogenise_warmup_steps cannot be negative"),
     (["--homogenise_batch_size", "0"], "homogenise_batch_size must be at least 1"),
 ])

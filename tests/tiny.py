@@ -17,6 +17,7 @@ _SPECIFIC = {
     "roberta": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, max_position_embeddings=70, pad_token_id=1),
     "phi3": dict(_COMMON, pad_token_id=0),
+    "gemma3_text": dict(_COMMON, num_key_value_heads=1),  # as Gemma 3 270M and 1B: one KV head
 }
 ENCODERS = ("bert", "roberta")
 # model_type -> expected role of each converted site, for a 2-layer model (the head's own prefix excluded).
