@@ -11,6 +11,7 @@ MODES = ("norms", "lora", "full")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 ESTIMATORS = ("median", "mean", "geomean", "fit")  # calibration.ESTIMATORS, without importing torch here
 HOMOGENISED = "homogenised"  # the output folder's subfolder holding the homogenisation stage's model
+DEFAULT_BASE_LEARNING_RATE = 3e-5  # the LoRA adapters or, in full mode, every other weight
 # the keys that must be at least 1 (a 0 divides by zero or never runs)
 POSITIVE_INTEGERS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "eval_every",
                      "eval_windows", "eval_window", "save_every", "calibration_windows", "ramp_steps", "lora_r",
@@ -75,7 +76,8 @@ class DistillConfig:
         "help": "DyT's alpha, as a fraction of the model's median calibrated |alpha| (alpha scales as 1 / the "
                 "activations; DyISRU's kappa trains on a log scale); unset: learning_rate"})
     base_learning_rate: float | None = field(default=None, metadata={
-        "help": "LoRA adapters or all other weights; unset (and no base_relative_learning_rate): 3e-5"})
+        "help": f"LoRA adapters or all other weights; unset (and no base_relative_learning_rate): "
+                f"{DEFAULT_BASE_LEARNING_RATE}"})
     base_relative_learning_rate: float | None = field(default=None, metadata={
         "help": "the same, as a fraction of the median std of the model's linear weights (Adam moves a weight by "
                 "about its rate a step: Gemma 3 270M's weights are ~5x smaller than SmolLM2's)"})

@@ -33,7 +33,7 @@ from torch import nn
 
 from .allocator import pin_malloc_thresholds
 from .architectures import find_norm_sites
-from .config import HOMOGENISED, DistillConfig, latest_checkpoint, parse_config
+from .config import DEFAULT_BASE_LEARNING_RATE, HOMOGENISED, DistillConfig, latest_checkpoint, parse_config
 from .homogenise import cosine_with_warmup
 from .losses import losses, relative_error
 from .modeling_dynorm import DyISRU, DyT
@@ -312,9 +312,9 @@ def base_learning_rate(config: DistillConfig, model: nn.Module) -> float:
     """Adam moves a weight (or a LoRA factor) by about its learning rate a step, so what a rate does depends on the
     size of the weights: Gemma 3 270M's linear weights have a median std of 0.040, SmolLM2's 0.19, and the same rate
     changes Gemma's ~5x as much relative to themselves. base_relative_learning_rate is a fraction of that median over
-    the model's linear layers (the output embedding left out); unset, base_learning_rate (3e-5 if that is unset too)."""
+    the model's linear layers (the output embedding left out); unset, base_learning_rate or its default."""
     if config.base_relative_learning_rate is None:
-        return 3e-5 if config.base_learning_rate is None else config.base_learning_rate
+        return DEFAULT_BASE_LEARNING_RATE if config.base_learning_rate is None else config.base_learning_rate
     head = model.get_output_embeddings()
     stds = [module.weight.detach().float().std() for module in model.modules()  # (GPT-2's linear layers: Conv1D)
             if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and module is not head]
