@@ -16,7 +16,7 @@ import hf_dynorm
 from hf_dynorm import DyISRU, DyT
 from hf_dynorm.architectures import observing_norm_inputs
 from hf_dynorm.conversion import save_converted
-from tiny import ARCHITECTURES, ENCODERS, EXPECTED_ROLES, tiny_config, tiny_inputs, tiny_model
+from tiny import ARCHITECTURES, ENCODERS, EXPECTED_ROLES, VOCAB, tiny_inputs, tiny_model
 
 
 def auto_class(model_type):
@@ -68,7 +68,7 @@ def test_observers_get_the_sequence_at_dim_1_at_every_site(model_type):
     and homogenisation leave out position 0 by this axis (it once dropped head 0, and with one KV head, everything)."""
     model, ids = tiny_model(model_type), tiny_inputs(batch=2, length=12)
     changed = ids.clone()
-    changed[:, -1] = (changed[:, -1] + 1 - 3) % (tiny_config(model_type).vocab_size - 3) + 3
+    changed[:, -1] = (ids[:, -1] - 2) % (VOCAB - 3) + 3  # the next id above the reserved 0-2, wrapping
     names = [site.name for site in hf_dynorm.find_norm_sites(model)]
 
     def observed(input_ids):
