@@ -12,6 +12,7 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 ESTIMATORS = ("median", "mean", "geomean", "fit")  # calibration.ESTIMATORS, without importing torch here
 HOMOGENISED = "homogenised"  # the output folder's subfolder holding the homogenisation stage's model
 DEFAULT_BASE_LEARNING_RATE = 3e-5  # the LoRA adapters or, in full mode, every other weight
+DEFAULT_HOMOGENISE_LEARNING_RATE = 2e-3  # the homogenisation stage's LoRA adapters
 # the keys that must be at least 1 (a 0 divides by zero or never runs)
 POSITIVE_INTEGERS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "eval_every",
                      "eval_windows", "eval_window", "save_every", "calibration_windows", "ramp_steps", "lora_r",
@@ -44,7 +45,11 @@ class DistillConfig:
     homogenise_steps: int = field(default=0, metadata={
         "help": ">0: first fine-tune LoRA (norms in place) to even out token rms (homogenise.py), then convert"})
     homogenise_weight: float = field(default=30.0, metadata={"help": "weight of the log-rms spread in that stage"})
-    homogenise_learning_rate: float = 2e-3
+    homogenise_learning_rate: float | None = field(default=None, metadata={
+        "help": f"that stage's LoRA rate; unset (and no homogenise_relative_learning_rate): "
+                f"{DEFAULT_HOMOGENISE_LEARNING_RATE}"})
+    homogenise_relative_learning_rate: float | None = field(default=None, metadata={
+        "help": "that stage's LoRA rate as a fraction of the median std of the model's linear weights"})
     homogenise_warmup_steps: int = field(default=10, metadata={
         "help": "that stage's warmup, its own: warmup_steps is the distillation's"})
     homogenise_batch_size: int = field(default=2, metadata={
@@ -126,9 +131,12 @@ class DistillConfig:
             raise ValueError("range_bound must be positive and comes without bound and anchors (anchors: 0): it "
                              "bounds every channel itself")
         if min(self.homogenise_steps, self.homogenise_weight, self.homogenise_warmup_steps) < 0 \
-                or not self.homogenise_learning_rate > 0:
+                or not all(rate is None or rate > 0 for rate in (self.homogenise_learning_rate,
+                                                                 self.homogenise_relative_learning_rate)):
             raise ValueError("homogenise_steps, homogenise_weight and homogenise_warmup_steps cannot be negative, "
-                             "homogenise_learning_rate must be positive")
+                             "homogenise_learning_rate and homogenise_relative_learning_rate must be positive")
+        if self.homogenise_learning_rate is not None and self.homogenise_relative_learning_rate is not None:
+            raise ValueError("give homogenise_learning_rate or homogenise_relative_learning_rate, not both")
         if self.anchor_fade_steps > self.max_steps:
             raise ValueError("anchor_fade_steps cannot exceed max_steps")
         if min(self.kl_weight, self.ce_weight, self.hidden_weight, self.local_weight) < 0:
@@ -180,11 +188,12 @@ class DistillConfig:
                              "another --output_dir.")
 
     def homogenise_settings(self) -> dict:
-        """The homogenisation stage's own settings, without the prefix: homogenise()'s keywords, and its record
-        (homogenise.json)."""
+        """The homogenisation stage's own settings as given, without the prefix: its record (homogenise.json) holds
+        them, and the rate they resolve to on the model (distill.homogenise_learning_rate)."""
         return {"steps": self.homogenise_steps, "weight": self.homogenise_weight,
-                "learning_rate": self.homogenise_learning_rate, "warmup_steps": self.homogenise_warmup_steps,
-                "batch_size": self.homogenise_batch_size}
+                "learning_rate": self.homogenise_learning_rate,
+                "relative_learning_rate": self.homogenise_relative_learning_rate,
+                "warmup_steps": self.homogenise_warmup_steps, "batch_size": self.homogenise_batch_size}
 
     def _check_homogenised_stage(self, record_file: Path) -> None:
         """A resumed run reuses OUTPUT/homogenised only if that stage ran with this recipe's settings."""

@@ -33,7 +33,14 @@ from torch import nn
 
 from .allocator import pin_malloc_thresholds
 from .architectures import find_norm_sites
-from .config import DEFAULT_BASE_LEARNING_RATE, HOMOGENISED, DistillConfig, latest_checkpoint, parse_config
+from .config import (
+    DEFAULT_BASE_LEARNING_RATE,
+    DEFAULT_HOMOGENISE_LEARNING_RATE,
+    HOMOGENISED,
+    DistillConfig,
+    latest_checkpoint,
+    parse_config,
+)
 from .homogenise import cosine_with_warmup
 from .losses import losses, relative_error
 from .modeling_dynorm import DyISRU, DyT
@@ -309,16 +316,34 @@ def alpha_learning_rate(config: DistillConfig, sites: dict[str, DistillationSite
 
 
 def base_learning_rate(config: DistillConfig, model: nn.Module) -> float:
+    """The LoRA adapters' (full mode: every other weight's) rate: base_learning_rate, or base_relative_learning_rate
+    x median_linear_weight_std, or the default."""
+    return learning_rate_for(model, config.base_learning_rate, config.base_relative_learning_rate,
+                             DEFAULT_BASE_LEARNING_RATE)
+
+
+def homogenise_learning_rate(config: DistillConfig, model: nn.Module) -> float:
+    """The homogenisation stage's LoRA rate, resolved as base_learning_rate's."""
+    return learning_rate_for(model, config.homogenise_learning_rate, config.homogenise_relative_learning_rate,
+                             DEFAULT_HOMOGENISE_LEARNING_RATE)
+
+
+def learning_rate_for(model: nn.Module, absolute: float | None, relative: float | None, default: float) -> float:
+    """`absolute` where given, else `relative` x median_linear_weight_std(model), else `default`."""
+    if relative is None:
+        return default if absolute is None else absolute
+    return relative * median_linear_weight_std(model)
+
+
+def median_linear_weight_std(model: nn.Module) -> float:
     """Adam moves a weight (or a LoRA factor) by about its learning rate a step, so what a rate does depends on the
     size of the weights: Gemma 3 270M's linear weights have a median std of 0.040, SmolLM2's 0.19, and the same rate
-    changes Gemma's ~5x as much relative to themselves. base_relative_learning_rate is a fraction of that median over
-    the model's linear layers (the output embedding left out); unset, base_learning_rate or its default."""
-    if config.base_relative_learning_rate is None:
-        return DEFAULT_BASE_LEARNING_RATE if config.base_learning_rate is None else config.base_learning_rate
+    changes Gemma's ~5x as much relative to themselves. The median over the model's linear layers (the output
+    embedding left out), taken before LoRA wraps them, is the scale a relative rate is a fraction of."""
     head = model.get_output_embeddings()
     stds = [module.weight.detach().float().std() for module in model.modules()  # (GPT-2's linear layers: Conv1D)
             if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and module is not head]
-    return config.base_relative_learning_rate * torch.stack(stds).median().item()
+    return torch.stack(stds).median().item()
 
 
 def separate_teacher(config: DistillConfig) -> bool:
@@ -336,13 +361,16 @@ def homogenised_start(config: DistillConfig, accelerator, tokenizer, train_ids: 
 
     folder = Path(config.output_dir) / HOMOGENISED
     if accelerator.is_main_process and not (folder / "homogenise.json").exists():
-        started, settings = time.perf_counter(), config.homogenise_settings()
+        started, model = time.perf_counter(), load_model(config.model)
+        rate = homogenise_learning_rate(config, model)
         model, history = homogenise(
-            load_model(config.model).to(accelerator.device), train_ids, **settings,
+            model.to(accelerator.device), train_ids, steps=config.homogenise_steps, weight=config.homogenise_weight,
+            learning_rate=rate, warmup_steps=config.homogenise_warmup_steps, batch_size=config.homogenise_batch_size,
             lora_r=config.lora_r, lora_alpha=config.lora_alpha, max_grad_norm=config.max_grad_norm, seed=config.seed,
             log=accelerator.print)
-        record = settings | {"seconds": time.perf_counter() - started,
-                             "tokens": settings["steps"] * settings["batch_size"] * config.seq_len, "history": history}
+        record = config.homogenise_settings() | {
+            "resolved_learning_rate": rate, "seconds": time.perf_counter() - started,
+            "tokens": config.homogenise_steps * config.homogenise_batch_size * config.seq_len, "history": history}
         with atomic_directory(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

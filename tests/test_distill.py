@@ -25,7 +25,7 @@ from hf_dynorm.distill import (
 )
 from hf_dynorm.losses import SoftenedKL
 from hf_dynorm.modeling_dynorm import DyISRU
-from tiny import save_tiny_checkpoint, tiny_inputs, tiny_model
+from tiny import linear_weight_stds_in_file, save_tiny_checkpoint, tiny_inputs, tiny_model
 
 RECIPE = str(Path(__file__).parent.parent / "recipes" / "tiny" / "llama.yaml")
 
@@ -188,12 +188,10 @@ def test_lora_trains_at_a_rate_relative_to_the_median_std_of_the_linear_weights(
                                    "--base_relative_learning_rate", "0.01"))
     assert run.returncode == 0, run.stderr[-3000:]
     model, _ = checkpoint
-    weights = load_file(str(Path(model) / "model.safetensors"))
-    linear = [w.float().std() for name, w in weights.items()
-              if w.dim() == 2 and "embed" not in name and "lm_head" not in name]
-    assert len(linear) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    stds = linear_weight_stds_in_file(model)
+    assert len(stds) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     record = json.loads((tmp_path / "final" / "results.json").read_text())
-    assert record["learning_rates"]["base"] == pytest.approx(0.01 * torch.stack(linear).median().item(), rel=1e-6)
+    assert record["learning_rates"]["base"] == pytest.approx(0.01 * stds.median().item(), rel=1e-6)
 
 
 def final_weights(folder):
@@ -237,7 +235,11 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(checkp
     (["--data", "/nonexistent/corpus.txt"], "does not exist"),
     (["--bound", "-1"], "bound must be a positive number"),
     (["--alpha_relative_learning_rate", "1e-3"], "alpha_relative_learning_rate is DyT's"),
-    (["--base_learning_rate", "1e-3", "--base_relative_learning_rate", "1e-2"], "not both"),
+    (["--base_learning_rate", "1e-3", "--base_relative_learning_rate", "1e-2"],
+     "base_learning_rate or base_relative_learning_rate, not both"),
+    (["--homogenise_learning_rate", "1e-3", "--homogenise_relative_learning_rate", "1e-2"],
+     "homogenise_learning_rate or homogenise_relative_learning_rate, not both"),
+    (["--homogenise_relative_learning_rate", "0"], "homogenise_relative_learning_rate must be positive"),
     (["--homogenise_warmup_steps", "-1"], "homogenise_warmup_steps cannot be negative"),
     (["--homogenise_batch_size", "0"], "homogenise_batch_size must be at least 1"),
 ])

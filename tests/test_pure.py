@@ -9,13 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import hf_dynorm
 from hf_dynorm.calibration import calibrate
 from hf_dynorm.homogenise import homogenise, log_rms_spread
 from hf_dynorm.modeling_dynorm import DyISRU, DyT, SinkPrefix
-from tiny import EXPECTED_ROLES, VOCAB, reload_without_hf_dynorm, save_tiny_checkpoint, tiny_inputs, tiny_model
+from tiny import (
+    EXPECTED_ROLES,
+    VOCAB,
+    linear_weight_stds_in_file,
+    reload_without_hf_dynorm,
+    save_tiny_checkpoint,
+    tiny_inputs,
+    tiny_model,
+)
 
 DECODERS = ("llama", "qwen3", "mistral", "gemma3_text", "olmo2", "olmo3")
 TINY_RECIPE = str(Path(__file__).parent.parent / "recipes" / "tiny" / "llama.yaml")
@@ -166,6 +175,14 @@ def test_the_shipped_pure_recipes_run_on_families_with_post_norms_and_qk_norms(r
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "final" / "results.json").read_text())
     assert results["anchored"] is False and math.isfinite(results["final_perplexity_ratio"])
+    # both LoRA rates follow the weights they train: the recipe's fractions of the median std read from the files of
+    # the checkpoint (homogenisation) and of the homogenised stage (distillation)
+    settings = yaml.safe_load(recipe.read_text())
+    assert results["homogenised"]["resolved_learning_rate"] == pytest.approx(
+        settings["homogenise_relative_learning_rate"] * linear_weight_stds_in_file(model).median().item(), rel=1e-6)
+    homogenised = linear_weight_stds_in_file(tmp_path / "out" / "homogenised").median().item()
+    assert results["learning_rates"]["base"] == pytest.approx(settings["base_relative_learning_rate"] * homogenised,
+                                                              rel=1e-6)
     record = hf_dynorm.load_model(tmp_path / "out" / "final").config.dynorm
     assert record["sink"]["token_id"] == 1  # the tiny tokenizer has no <|endoftext|>: its BOS, <s>
     assert len(record["sites"]) == sum(EXPECTED_ROLES[model_type].values())

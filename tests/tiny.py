@@ -97,6 +97,18 @@ def save_tiny_checkpoint(folder, model_type: str = "llama", seed: int = 0):
     return folder / "model", folder / "text.txt"
 
 
+def linear_weight_stds_in_file(folder) -> torch.Tensor:
+    """The std of each of a saved checkpoint's linear weights, read from its safetensors file: every 2-D weight but
+    the embedding and the LM head (their median is the scale relative learning rates are a fraction of)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(folder) / "model.safetensors"))
+    return torch.stack([w.float().std() for name, w in weights.items()
+                        if w.dim() == 2 and "embed" not in name and "lm_head" not in name])
+
+
 def reload_without_hf_dynorm(folder, inputs, expected, masked_lm: bool = False) -> tuple[bool, str]:
     """Load `folder` with trust_remote_code in a subprocess where hf_dynorm cannot be imported; True if its logits
     on `inputs` equal `expected` bit for bit. Returns (identical, stderr)."""
