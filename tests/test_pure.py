@@ -140,6 +140,7 @@ def test_the_pure_recipe_runs_its_stages_and_a_resumed_run_reuses_the_homogenise
     results = json.loads((tmp_path / "out" / "final" / "results.json").read_text())
     assert results["homogenised"]["steps"] == 3 and results["homogenised"]["warmup_steps"] == 2
     assert results["homogenised"]["batch_size"] == 3 and results["homogenised"]["tokens"] == 3 * 3 * 32
+    assert results["homogenised"]["resolved_learning_rate"] == 2e-3  # the stage's default, no rate given
     assert results["anchored"] is False
     record = hf_dynorm.load_model(tmp_path / "out" / "final").config.dynorm
     assert record["sink"]["token_id"] == 1  # the tiny tokenizer's BOS, <s>
