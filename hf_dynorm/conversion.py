@@ -290,13 +290,14 @@ def convert(model: nn.Module, norm: str | ConversionOptions = "dyisru", *, calib
 
 
 def form_of(record: dict) -> str:
-    """What a converted model is, in words: anchored (how many channels), pure, or pure with a sink prefix."""
+    """What a converted model is, in words: anchored (how many channels) or pure, and whether a sink prefix precedes
+    every text."""
     anchors = max((spec.get("anchors", 0) for spec in record["sites"].values()), default=0)
-    if anchors:
-        return f"anchored: {anchors} channels per site stay coupled (not strictly element-wise)"
+    form = f"anchored: {anchors} channels per site stay coupled (not strictly element-wise)" if anchors \
+        else "pure element-wise"
     if record.get("sink"):
-        return "pure element-wise, with a sink prefix (one constant first token's keys and values before every text)"
-    return "pure element-wise"
+        form += ", with a sink prefix (one constant first token's keys and values before every text)"
+    return form
 
 
 def refresh_record(model: nn.Module) -> None:

@@ -74,6 +74,23 @@ def test_a_converted_model_with_a_sink_reloads_with_and_without_hf_dynorm(tmp_pa
     assert identical, errors
 
 
+SINK_WORDS = ", with a sink prefix (one constant first token's keys and values before every text)"
+
+
+@pytest.mark.parametrize("options,form", [
+    ({"range_bound": 1.5}, "pure element-wise"),
+    ({"range_bound": 1.5, "sink_token": 5}, "pure element-wise" + SINK_WORDS),
+    ({"anchors": 2}, "anchored: 2 channels per site stay coupled (not strictly element-wise)"),
+    ({"anchors": 2, "sink_token": 5}, "anchored: 2 channels per site stay coupled (not strictly element-wise)"
+                                      + SINK_WORDS),
+])
+def test_the_saved_model_says_which_form_it_is(options, form, tmp_path):
+    """The record names the form, a sink prefix included whether or not anchors stay coupled (the card reads it)."""
+    model = hf_dynorm.convert(tiny_model("llama"), "dyisru", calibration=ids(), window=32, progress=False, **options)
+    model.save_pretrained(tmp_path)
+    assert hf_dynorm.load_model(tmp_path).config.dynorm["form"] == form
+
+
 @pytest.mark.parametrize("norm", ["dyisru", "dyt"])
 def test_the_range_bound_sets_each_channel_from_its_own_range(norm):
     model, tokens, c = tiny_model("llama"), ids(), 1.5
