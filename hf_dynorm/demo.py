@@ -16,10 +16,12 @@ from .reports import markdown_table, write_results
 # the committed SmolLM2 recipe (row T of the README) cut to its first 46k tokens, taken one 256-token sequence a step:
 # more updates for the same tokens (200 such steps: 1.240x, where 100 steps of 2 sequences gave 1.277x; README),
 # scored on 4 windows every 60 steps. 180 steps, not 200, so that the whole job fits 10 minutes on this CPU's slow
-# days (2.7 s a step: 200 steps took 10 min 29 s, 190 steps 10 min 13 s)
+# days (2.7 s a step: 200 steps took 10 min 29 s, 190 steps 10 min 13 s). A sink prefix before every text: on this
+# budget it ended at 1.229x and 1.252x (seeds 0 and 1) against 1.267x and 1.277x; T's full 174k tokens end level
+# with or without it (1.085x, 1.086x), so the recipe itself does without (README)
 RECIPE = "smollm2-135m/dyisru.yaml"
 RECIPE_OVERRIDES = ["--max_steps", "180", "--batch_size", "1", "--warmup_steps", "20", "--eval_every", "60",
-                    "--eval_windows", "4", "--save_every", "1000"]
+                    "--eval_windows", "4", "--save_every", "1000", "--sink_prefix", "auto"]
 PROMPT = "The history of the Roman Empire"
 
 

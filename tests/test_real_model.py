@@ -68,6 +68,7 @@ def test_main_job_runs_the_shipped_recipe_end_to_end(smollm2, tmp_path):
     assert record["norm"] == "dyisru" and record["distillation"]["mode"] == "lora"
     assert record["parameters"]["bound"] == "4.0 x token rms"
     assert all(site["anchors"] == 16 for site in record["sites"].values())
+    assert record["sink"]["token_id"] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert (tmp_path / "report.md").exists() and summary["generations"]["converted"]
     assert set(summary["phases_seconds"]) == {"training_loop", "around_the_loop", "checks"}
     assert all(seconds > 0 for seconds in summary["phases_seconds"].values())
