@@ -155,7 +155,6 @@ def schedule_length(config: DistillConfig, sites: int) -> int:
     return (0 if config.schedule == "all" else (sites - 1) * config.gap_steps) + config.ramp_steps
 
 
-
 def local_losses(sites: dict[str, DistillationSite]) -> list[torch.Tensor]:
     return [site.local_loss for site in sites.values() if site.local_loss is not None]
 
